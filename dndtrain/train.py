@@ -1,0 +1,346 @@
+"""Stage 3: LoRA fine-tuning with TRL's SFTTrainer on the rendered scenarios (loss on DM turns only).
+
+Output (atomic: written to a temp folder and renamed into place):
+- `trained_models/dnd_model/`: adapter, tokenizer (with the chat template), `dndtrain_config.json`
+- `trained_models/training_metadata.json`: base model, data hash, split, steps, loss history, wall time, tokens/s, RSS
+- `trained_models/loss_curve.png`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dndtrain.config import TrainConfig
+from dndtrain.paths import Paths
+from dndtrain.scenario import Scenario, find_scenario_files, load_scenarios
+
+SPLIT_FILE = "split.json"
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    steps: int
+    final_loss: float | None
+    wall_time_s: float
+    train_time_s: float
+    tokens_per_s: float
+    peak_rss_mb: float
+    train_files: int
+    holdout_files: int
+    metadata_path: Path
+    loss_curve: Path | None
+    loss_history: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        loss = f"{self.final_loss:.3f}" if self.final_loss is not None else "n/a"
+        return (
+            f"Trained {self.steps} steps on {self.train_files} scenario files ({self.holdout_files} held out) "
+            f"in {self.wall_time_s / 60:.1f} min ({self.tokens_per_s:.0f} tokens/s, final loss {loss}, "
+            f"peak RAM {self.peak_rss_mb:.0f} MB).\nModel: {self.model_dir}"
+        )
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+def relpath(s: Scenario, root: Path) -> str:
+    try:
+        return Path(s.path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return Path(s.path).as_posix()
+
+
+def split_scenarios(scenarios: list[Scenario], root: Path, holdout_fraction: float, seed: int):
+    """Deterministic split stratified by category: within each category, files are ranked by a hash of
+    (seed, relative path) and the first ceil(n * fraction) are held out (always leaving at least one file to train on)."""
+    by_cat: dict[str, list[Scenario]] = {}
+    for s in scenarios:
+        by_cat.setdefault(s.category, []).append(s)
+    train, holdout = [], []
+    for cat in sorted(by_cat):
+        items = sorted(by_cat[cat], key=lambda s: hashlib.sha256(f"{seed}:{relpath(s, root)}".encode()).hexdigest())
+        k = min(math.ceil(len(items) * holdout_fraction), len(items) - 1) if holdout_fraction > 0 else 0
+        holdout += items[:k]
+        train += items[k:]
+    key = lambda s: relpath(s, root)  # noqa: E731
+    return sorted(train, key=key), sorted(holdout, key=key)
+
+
+def data_manifest(root: Path) -> dict[str, str]:
+    """sha256 of every scenario file, by relative path."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in find_scenario_files(root)
+    }
+
+
+def manifest_hash(manifest: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def build_dataset(scenarios, tokenizer, eot: str, tool_lines: list[str], max_len: int):
+    from datasets import Dataset
+
+    from dndtrain.chat import build_example, scenario_messages
+
+    rows = []
+    for s in scenarios:
+        ex = build_example(tokenizer, scenario_messages(s, tool_lines), eot, max_len)
+        if any(l != -100 for l in ex.labels):
+            rows.append({"input_ids": ex.input_ids, "labels": ex.labels})
+    if not rows:
+        raise TrainError("no trainable DM turns in the training data")
+    return Dataset.from_list(rows)
+
+
+# --- hardware -------------------------------------------------------------------------------------------------------
+
+def bf16_supported() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def use_bf16(precision: str) -> bool:
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    return bf16_supported()
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- output ---------------------------------------------------------------------------------------------------------
+
+def plot_loss(history: list[dict], png: Path, title: str = "Training loss") -> Path | None:
+    pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (DM tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished folder into place; the old one is removed only after the new one is complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# --- training -------------------------------------------------------------------------------------------------------
+
+def make_callbacks(history: list[dict], on_log=None):
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                history.append({"step": state.global_step, "loss": float(logs["loss"]),
+                                "learning_rate": float(logs.get("learning_rate", 0.0))})
+                if on_log:
+                    on_log(history)
+
+    return [Recorder()]
+
+
+def train(
+    cfg: TrainConfig,
+    paths: Paths,
+    data_dir: Path | None = None,
+    resume: bool = False,
+    log=print,
+    on_log=None,
+    init_adapter: Path | None = None,
+    scenarios: list[Scenario] | None = None,
+    model_dir: Path | None = None,
+    extra_metadata: dict | None = None,
+) -> TrainResult:
+    """Fine-tune a LoRA adapter. `init_adapter` continues from an existing adapter (incremental training);
+    `scenarios` overrides the training files (otherwise: all files in data_dir minus the held-out split)."""
+    t0 = time.time()
+    import torch
+
+    from dndtrain.basemodel import end_of_turn_token, load_model, load_tokenizer, resolve_base_model
+    from dndtrain.chat import default_tool_lines
+    from dndtrain.registry import ToolRegistry
+
+    data_dir = Path(data_dir or paths.scenarios)
+    model_dir = Path(model_dir or paths.model_dir)
+    all_scenarios = load_scenarios(data_dir)
+    train_set, holdout = split_scenarios(all_scenarios, data_dir, cfg.holdout_fraction, cfg.seed)
+    if scenarios is not None:
+        train_set = scenarios
+    if not train_set:
+        raise TrainError(f"{data_dir}: no scenario files left for training after the hold-out split")
+    registry = ToolRegistry.load(paths.tool_registry)
+    tool_lines = default_tool_lines(registry)
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    base_path = resolve_base_model(cfg.base_model, log)
+    tokenizer = load_tokenizer(base_path)
+    eot = end_of_turn_token(tokenizer)
+    dataset = build_dataset(train_set, tokenizer, eot, tool_lines, cfg.max_seq_length)
+    bf16 = use_bf16(cfg.precision)
+    log(f"Training on {len(dataset)} scenarios ({len(holdout)} held out), base {base_path.name}, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}, {cfg.max_steps} steps")
+
+    from peft import LoraConfig, PeftModel
+    from trl import SFTConfig, SFTTrainer
+
+    model = load_model(base_path)
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets in (["all-linear"], "all-linear") else list(targets),
+    )
+    peft_config = lora
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        peft_config = None
+    args = SFTConfig(
+        output_dir=str(paths.checkpoints),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=0.0,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        bf16=bf16,
+        fp16=False,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        max_length=cfg.max_seq_length,
+        packing=False,
+        dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length",
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+        remove_unused_columns=True,
+    )
+    history: list[dict] = []
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=peft_config, callbacks=make_callbacks(history, on_log),
+    )
+    checkpoint = None
+    if resume:
+        ckpts = sorted(paths.checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if not ckpts:
+            raise TrainError(f"--resume: no checkpoint in {paths.checkpoints}; start a fresh run without --resume")
+        checkpoint = str(ckpts[-1])
+        log(f"Resuming from {checkpoint}")
+    t_train = time.time()
+    out = trainer.train(resume_from_checkpoint=checkpoint)
+    train_time = time.time() - t_train
+    steps = int(out.global_step)
+    n_tokens = sum(len(r) for r in dataset["input_ids"])
+    epochs = steps * cfg.batch_size * cfg.gradient_accumulation_steps / max(1, len(dataset))
+    tokens_seen = n_tokens * epochs
+    tokens_per_s = tokens_seen / train_time if train_time > 0 else 0.0
+
+    # Save atomically: adapter + tokenizer + config into a temp folder, then rename into place.
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
+    trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    made_by = {"train": dataclasses.asdict(cfg), "base_model_path": str(base_path), "end_of_turn": eot}
+    (tmp / "dndtrain_config.json").write_text(json.dumps(made_by, indent=2))
+    manifest = data_manifest(data_dir)
+    (tmp / SPLIT_FILE).write_text(json.dumps({
+        "train": [relpath(s, data_dir) for s in train_set],
+        "holdout": [relpath(s, data_dir) for s in holdout],
+    }, indent=2))
+    replace_dir(tmp, model_dir)
+
+    final_loss = history[-1]["loss"] if history else None
+    png = plot_loss(history, paths.loss_curve)
+    metadata = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": cfg.base_model,
+        "base_model_path": str(base_path),
+        "model_dir": str(model_dir),
+        "data_dir": str(data_dir),
+        "data_hash": manifest_hash(manifest),
+        "data_manifest": manifest,
+        "split": {"seed": cfg.seed, "holdout_fraction": cfg.holdout_fraction,
+                  "train": [relpath(s, data_dir) for s in train_set],
+                  "holdout": [relpath(s, data_dir) for s in holdout]},
+        "config": dataclasses.asdict(cfg),
+        "precision": "bf16" if bf16 else "fp32",
+        "steps": steps,
+        "epochs": round(epochs, 3),
+        "final_loss": final_loss,
+        "loss_history": history,
+        "wall_time_s": round(time.time() - t0, 1),
+        "train_time_s": round(train_time, 1),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "train_tokens": n_tokens,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "torch_threads": torch.get_num_threads(),
+        **(extra_metadata or {}),
+    }
+    write_json_atomic(paths.training_metadata, metadata)
+    return TrainResult(
+        model_dir=model_dir, steps=steps, final_loss=final_loss, wall_time_s=time.time() - t0,
+        train_time_s=train_time, tokens_per_s=tokens_per_s, peak_rss_mb=peak_rss_mb(),
+        train_files=len(train_set), holdout_files=len(holdout), metadata_path=paths.training_metadata,
+        loss_curve=png, loss_history=history,
+    )
