@@ -1,0 +1,5 @@
+import sys
+
+from dndtrain.cli import main
+
+sys.exit(main())
