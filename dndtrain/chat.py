@@ -12,9 +12,8 @@ from dndtrain.scenario import Character, Scenario
 
 ROLE_MAP = {"user": "user", "dm": "assistant", "toolcall": "tool"}
 INSTRUCTIONS = (
-    "You are the Dungeon Master of a D&D 5e game. Narrate in a few vivid sentences and voice the NPCs. "
-    "When a rule needs dice or the game state changes, write tool calls in square brackets at the end of your turn; "
-    "their results come back as a tool message and you continue from them. Plain talk, lore and descriptions need no tool."
+    "You are the Dungeon Master of a D&D 5e game. Narrate in a few vivid sentences. When dice or the game state "
+    "matter, end your turn with tool calls; their results come back as a tool message. Talk and description need no tool."
 )
 DEFAULT_SYSTEM = {"World": "Forgotten Realms", "Location": "a roadside inn"}
 

@@ -86,8 +86,10 @@ class ToolSpec:
         return f"[{self.name}: {', '.join(a.hint() for a in self.args)}]"
 
     def prompt_line(self) -> str:
-        shown = " or ".join(self.examples[:2])
-        return f"{self.syntax()} {self.description}" + (f", e.g. {shown}" if shown else "")
+        """`[name: args] description`: kept short, since it is part of every training example. Custom tools
+        also show one real example call, because their inferred description says little."""
+        line = f"{self.syntax()} {self.description}"
+        return line if self.builtin or not self.examples else f"{line}, e.g. {self.examples[0]}"
 
     def to_dict(self) -> dict[str, Any]:
         return {

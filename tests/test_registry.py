@@ -26,10 +26,10 @@ def test_get_is_case_insensitive_and_unknown_is_none():
     assert "Roll" in reg and "light" not in reg
 
 
-def test_prompt_lines_are_short_and_show_examples():
+def test_prompt_lines_are_short_syntax_lines():
     lines = ToolRegistry.builtin().prompt_lines()
     assert len(lines) == 6
-    assert lines[0] == "[roll: dice or skill] roll dice, e.g. [roll: d20+5] or [roll: perception]"
+    assert lines[0] == "[roll: dice or skill] roll dice"
     assert lines[2].startswith("[inventory: character, add|remove|use, item]")
     assert all(len(line) <= 95 for line in lines), lines
 
