@@ -1,0 +1,483 @@
+"""Text generation backends shared by `validate` and `play`: Hugging Face (adapter or plain folder) and GGUF.
+
+`load_generator(path)` accepts
+- a LoRA adapter folder (`adapter_config.json`): the base comes from `dndtrain_config.json`'s `base_model_path`, else
+  the adapter's `base_model_name_or_path`; the adapter is merged in memory (`merge_and_unload`) for speed,
+- a plain or merged Hugging Face folder (`config.json` + safetensors),
+- a `.gguf` file, run by llama.cpp (llama-cpp-python) with the chat template stored in the file.
+
+Generation is greedy, so two runs give the same text, and stops at the end-of-turn token (`<|im_end|>` for ChatML),
+which is not part of the returned text.
+
+The Hugging Face backend is tuned for a 2-core CPU, where reading the prompt costs more than writing the reply:
+`generate_batch` finds prompts that are token prefixes of a longer prompt in the same batch (every DM turn of a
+scenario is a prefix of its later turns), runs the model once over the longest one, and decodes the replies of up to
+`batch_size` prompts together from left-padded copies of that shared key/value cache, dropping rows as they finish.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from dndtrain.stages import StageError
+
+BATCH_SIZE = 8
+GGUF_CONTEXT = 4096
+
+
+@dataclass
+class GenResult:
+    text: str
+    """The reply, without the end-of-turn token."""
+    stopped_at_eot: bool
+    """True when the model ended its turn itself; False when it ran into max_new_tokens."""
+    n_tokens: int
+    """Tokens generated (not counting the end-of-turn token)."""
+
+
+class Generator:
+    """Interface: greedy chat generation from a list of `{"role", "content"}` messages."""
+
+    kind = "?"
+    path: Path
+    supports_nll = False
+
+    def generate(self, messages: list[dict], max_new_tokens: int) -> GenResult:
+        return self.generate_batch([messages], max_new_tokens)[0]
+
+    def generate_batch(self, batch: list[list[dict]], max_new_tokens: int,
+                       progress: Callable[[int], None] | None = None) -> list[GenResult]:
+        out = []
+        for messages in batch:
+            out.append(self.generate(messages, max_new_tokens))
+            if progress:
+                progress(1)
+        return out
+
+    def stream(self, messages: list[dict], max_new_tokens: int) -> Iterator[str]:
+        yield self.generate(messages, max_new_tokens).text
+
+    def reference_nll(self, messages: list[dict], target_text: str) -> tuple[float, int] | None:
+        """Summed negative log-likelihood of `target_text` (+ end-of-turn) as the next assistant turn, and its
+        token count. None when the backend cannot score text (GGUF)."""
+        return None
+
+    def conversation_nll(self, messages: list[dict]) -> list[tuple[float, int]] | None:
+        """(summed NLL, tokens) of every assistant message in a conversation, from one forward pass."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+# --- Hugging Face ----------------------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: cannot read ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def is_adapter(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file()
+
+
+def recorded_base(path: Path) -> Path | None:
+    """The base model recorded for a model folder: `dndtrain_config.json`'s `base_model_path`, else (adapters) the
+    adapter's `base_model_name_or_path`. Only existing local folders count."""
+    path = Path(path)
+    if path.is_file() or not path.is_dir():
+        return None
+    candidates = []
+    made_by = path / "dndtrain_config.json"
+    if made_by.is_file():
+        candidates.append(_read_json(made_by).get("base_model_path"))
+    if is_adapter(path):
+        candidates.append(_read_json(path / "adapter_config.json").get("base_model_name_or_path"))
+    for c in candidates:
+        if isinstance(c, str) and c and Path(c).expanduser().is_dir():
+            found = Path(c).expanduser().resolve()
+            if found != path.resolve():
+                return found
+    return None
+
+
+def adapter_base(path: Path) -> Path:
+    base = recorded_base(path)
+    if base is None:
+        made = path / "dndtrain_config.json"
+        named = _read_json(made).get("base_model_path") if made.is_file() else None
+        named = named or _read_json(path / "adapter_config.json").get("base_model_name_or_path")
+        raise StageError(
+            f"{path}: the adapter's base model {named!r} is not a local folder (dndtrain never downloads models). "
+            f"Retrain with `npm run train`, or merge the adapter and pass the merged folder with --model"
+        )
+    return base
+
+
+def _sliding(config) -> bool:
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
+
+
+class HFGenerator(Generator):
+    supports_nll = True
+
+    def __init__(self, model, tokenizer, path: Path, kind: str, batch_size: int = BATCH_SIZE):
+        from dndtrain.basemodel import end_of_turn_token
+
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.path = Path(path)
+        self.kind = kind
+        self.batch_size = max(1, batch_size)
+        self.eot = end_of_turn_token(tokenizer)
+        ids = {tokenizer.convert_tokens_to_ids(self.eot), tokenizer.eos_token_id}
+        self.stop_ids = {i for i in ids if isinstance(i, int) and i >= 0}
+        self.shared_prefix = not _sliding(model.config)
+
+    # -- helpers --
+    def encode(self, messages: list[dict]) -> list[int]:
+        from dndtrain.chat import generation_prompt
+
+        return list(self.tok(generation_prompt(self.tok, messages), add_special_tokens=False)["input_ids"])
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def _result(self, ids: list[int], stopped: bool) -> GenResult:
+        return GenResult(self._decode(ids), stopped, len(ids))
+
+    # -- batched greedy generation --
+    def generate_batch(self, batch, max_new_tokens, progress=None):
+        import torch
+
+        prompts = [self.encode(m) for m in batch]
+        results: list[GenResult | None] = [None] * len(prompts)
+        with torch.inference_mode():
+            if self.shared_prefix:
+                self._generate_shared(prompts, max_new_tokens, results, progress)
+            else:
+                self._generate_padded(prompts, max_new_tokens, results, progress)
+        return [r for r in results]  # type: ignore[misc]
+
+    def _groups(self, prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
+        """(root, members) where every member's tokens are a prefix of the root's; members sorted by length."""
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        roots: list[int] = []
+        members: dict[int, list[int]] = {}
+        for i in order:
+            p = prompts[i]
+            for r in roots:
+                if prompts[r][: len(p)] == p:
+                    members[r].append(i)
+                    break
+            else:
+                roots.append(i)
+                members[i] = [i]
+        # process groups in the order their prompts were given (scenario order keeps memory bounded)
+        first = {r: min(m) for r, m in members.items()}
+        return [(r, sorted(members[r], key=lambda i: (len(prompts[i]), i))) for r in sorted(roots, key=first.get)]
+
+    def _prefill(self, ids: list[int], positions: list[int]):
+        """One forward over `ids`; returns the per-layer (k, v) cache and the greedy next token after each position."""
+        import torch
+
+        x = torch.tensor([ids], dtype=torch.long)
+        keep = torch.tensor(sorted(set(positions)), dtype=torch.long)
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=keep)
+        nxt = dict(zip(keep.tolist(), out.logits[0].argmax(-1).tolist()))
+        layers = [(kv[0], kv[1]) for kv in out.past_key_values]
+        return layers, [nxt[p] for p in positions]
+
+    def _generate_shared(self, prompts, max_new_tokens, results, progress):
+        groups = self._groups(prompts)
+        cache: dict[int, list] = {}
+        first_tok: dict[int, int] = {}
+        pending: list[tuple[int, int]] = []  # (prompt index, root)
+        remaining = {r: len(m) for r, m in groups}
+
+        def flush(n: int) -> None:
+            nonlocal pending
+            chunk, pending = pending[:n], pending[n:]
+            self._decode_rows(chunk, prompts, cache, first_tok, max_new_tokens, results)
+            for _, r in chunk:
+                remaining[r] -= 1
+                if remaining[r] == 0:
+                    cache.pop(r, None)
+            if progress:
+                progress(len(chunk))
+
+        for root, members in groups:
+            layers, toks = self._prefill(prompts[root], [len(prompts[i]) - 1 for i in members])
+            cache[root] = layers
+            for i, t in zip(members, toks):
+                first_tok[i] = t
+                pending.append((i, root))
+            while len(pending) >= self.batch_size:
+                flush(self.batch_size)
+        while pending:
+            flush(self.batch_size)
+
+    def _decode_rows(self, chunk, prompts, cache, first_tok, max_new_tokens, results):
+        """Greedy decoding of several prompts at once from left-padded slices of their roots' caches."""
+        import torch
+        from transformers import DynamicCache
+
+        rows = []
+        for i, root in chunk:
+            t = first_tok[i]
+            if t in self.stop_ids or max_new_tokens <= 0:
+                results[i] = GenResult("", t in self.stop_ids, 0)
+            else:
+                rows.append((i, root, len(prompts[i])))
+        if not rows:
+            return
+        gen = {i: [first_tok[i]] for i, _, _ in rows}
+        width = max(n for _, _, n in rows)
+        n_layers = len(cache[rows[0][1]])
+        data = []
+        for layer in range(n_layers):
+            k0, v0 = cache[rows[0][1]][layer]
+            k = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
+            v = v0.new_zeros((len(rows), v0.shape[1], width, v0.shape[3]))
+            for b, (_, root, n) in enumerate(rows):
+                rk, rv = cache[root][layer]
+                k[b, :, width - n:] = rk[0, :, :n]
+                v[b, :, width - n:] = rv[0, :, :n]
+            data.append((k, v))
+        kv = DynamicCache(ddp_cache_data=data)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, (_, _, n) in enumerate(rows):
+            mask[b, width - n:] = 1
+        active = [i for i, _, _ in rows]
+        pos = torch.tensor([[n] for _, _, n in rows], dtype=torch.long)
+        while active:
+            done = [b for b, i in enumerate(active) if len(gen[i]) >= max_new_tokens]
+            for b in done:
+                results[active[b]] = self._result(gen[active[b]], False)
+            if done:
+                keep = [b for b in range(len(active)) if b not in done]
+                if not keep:
+                    break
+                idx = torch.tensor(keep, dtype=torch.long)
+                kv.batch_select_indices(idx)
+                mask, pos = mask[idx], pos[idx]
+                active = [active[b] for b in keep]
+            x = torch.tensor([[gen[i][-1]] for i in active], dtype=torch.long)
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=kv,
+                             use_cache=True, logits_to_keep=1)
+            kv = out.past_key_values
+            pos = pos + 1
+            nxt = out.logits[:, -1].argmax(-1).tolist()
+            finished = []
+            for b, (i, t) in enumerate(zip(active, nxt)):
+                if t in self.stop_ids:
+                    results[i] = self._result(gen[i], True)
+                    finished.append(b)
+                else:
+                    gen[i].append(t)
+            if finished:
+                keep = [b for b in range(len(active)) if b not in finished]
+                if not keep:
+                    break
+                idx = torch.tensor(keep, dtype=torch.long)
+                kv.batch_select_indices(idx)
+                mask, pos = mask[idx], pos[idx]
+                active = [active[b] for b in keep]
+
+    def _generate_padded(self, prompts, max_new_tokens, results, progress):
+        """Fallback for models with sliding-window attention: HF `generate` on left-padded, length-sorted batches."""
+        import torch
+
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else min(self.stop_ids)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            x = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for b, i in enumerate(idx):
+                n = len(prompts[i])
+                x[b, width - n:] = torch.tensor(prompts[i])
+                mask[b, width - n:] = 1
+            out = self.model.generate(
+                input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=sorted(self.stop_ids), pad_token_id=pad, num_beams=1,
+            )
+            for b, i in enumerate(idx):
+                ids = out[b, width:].tolist()
+                stop = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+                results[i] = self._result(ids[:stop] if stop is not None else ids, stop is not None)
+            if progress:
+                progress(len(idx))
+
+    # -- streaming (play) --
+    def stream(self, messages, max_new_tokens):
+        import torch
+
+        ids = self.encode(messages)
+        gen: list[int] = []
+        shown = ""
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            while len(gen) < max_new_tokens:
+                t = int(out.logits[0, -1].argmax())
+                if t in self.stop_ids:
+                    break
+                gen.append(t)
+                text = self._decode(gen)
+                if not text.endswith("\ufffd") and len(text) > len(shown) and text.startswith(shown):
+                    yield text[len(shown):]
+                    shown = text
+                out = self.model(input_ids=torch.tensor([[t]]), past_key_values=out.past_key_values,
+                                 use_cache=True, logits_to_keep=1)
+        text = self._decode(gen)
+        if text != shown and text.startswith(shown):
+            yield text[len(shown):]
+
+    # -- reference perplexity --
+    def conversation_nll(self, messages):
+        import torch
+
+        from dndtrain.chat import assistant_spans
+
+        text, spans = assistant_spans(self.tok, messages, self.eot)
+        if not spans:
+            return []
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        which = []  # (token position, span index)
+        for t, (start, _end) in enumerate(enc["offset_mapping"]):
+            if t == 0:
+                continue
+            for s, (a, b) in enumerate(spans):
+                if a <= start < b:
+                    which.append((t, s))
+                    break
+        totals = [[0.0, 0] for _ in spans]
+        if which:
+            with torch.inference_mode():
+                keep = torch.tensor([t - 1 for t, _ in which], dtype=torch.long)
+                out = self.model(input_ids=torch.tensor([ids]), logits_to_keep=keep)
+                logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+                targets = torch.tensor([ids[t] for t, _ in which], dtype=torch.long)
+                nll = (-logp.gather(1, targets[:, None])[:, 0]).tolist()
+            for (_, s), v in zip(which, nll):
+                totals[s][0] += v
+                totals[s][1] += 1
+        return [(float(a), int(b)) for a, b in totals]
+
+    def reference_nll(self, messages, target_text):
+        scored = self.conversation_nll(list(messages) + [{"role": "assistant", "content": target_text}])
+        return scored[-1] if scored else None
+
+    def close(self):
+        self.model = None
+        gc.collect()
+
+
+# --- GGUF (llama.cpp) ------------------------------------------------------------------------------------------------
+
+class GGUFGenerator(Generator):
+    kind = "gguf"
+
+    def __init__(self, path: Path, n_ctx: int = GGUF_CONTEXT, threads: int = 0):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise StageError("llama-cpp-python is not installed; run `npm run setup`") from None
+        self.path = Path(path)
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count() or 1, seed=0, verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise StageError(f"{path}: llama.cpp cannot load this GGUF file ({exc}); re-export with `npm run train:convert`") from None
+
+    def _args(self, max_new_tokens: int) -> dict:
+        return dict(temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=0,
+                    max_tokens=max(1, max_new_tokens))
+
+    def generate(self, messages, max_new_tokens):
+        try:
+            resp = self.llm.create_chat_completion(messages=list(messages), **self._args(max_new_tokens))
+        except ValueError:  # the prompt does not fit the context: an empty, unfinished reply
+            return GenResult("", False, 0)
+        choice = resp["choices"][0]
+        return GenResult(choice["message"].get("content") or "", choice.get("finish_reason") == "stop",
+                         int(resp.get("usage", {}).get("completion_tokens", 0)))
+
+    def stream(self, messages, max_new_tokens):
+        for chunk in self.llm.create_chat_completion(messages=list(messages), stream=True, **self._args(max_new_tokens)):
+            piece = chunk["choices"][0].get("delta", {}).get("content")
+            if piece:
+                yield piece
+
+    def close(self):
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None and hasattr(llm, "close"):
+            llm.close()
+        gc.collect()
+
+
+# --- loading ---------------------------------------------------------------------------------------------------------
+
+def model_kind(path: Path) -> str:
+    """`gguf`, `adapter` or `hf`; StageError for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"model not found at {path}")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return "gguf"
+        raise StageError(f"{path}: not a model; expected a LoRA adapter folder, a Hugging Face model folder or a .gguf file")
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise StageError(f"{path}: not a model folder (no adapter_config.json or config.json); "
+                     f"expected a LoRA adapter folder, a Hugging Face model folder or a .gguf file")
+
+
+def load_hf(path: Path, log=print, batch_size: int = BATCH_SIZE) -> HFGenerator:
+    from dndtrain.basemodel import load_model, load_tokenizer, resolve_base_model
+
+    path = Path(path)
+    kind = model_kind(path)
+    if kind == "adapter":
+        base = adapter_base(path)
+        resolve_base_model(str(base))  # clear error for folders without safetensors
+        log(f"Loading {path.name} (LoRA adapter on {base.name}, merged in memory)...")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(base), str(path)).merge_and_unload()
+        tok_dir = path if (path / "tokenizer_config.json").is_file() else base
+    elif kind == "hf":
+        resolve_base_model(str(path))
+        log(f"Loading {path.name}...")
+        model = load_model(path)
+        tok_dir = path
+    else:
+        raise StageError(f"{path}: a GGUF file cannot be loaded with transformers")
+    return HFGenerator(model, load_tokenizer(tok_dir), path, kind, batch_size)
+
+
+def load_generator(path: Path, log=print) -> Generator:
+    """A generator for an adapter folder, a Hugging Face folder or a .gguf file."""
+    path = Path(path)
+    if model_kind(path) == "gguf":
+        log(f"Loading {path.name} with llama.cpp...")
+        return GGUFGenerator(path)
+    return load_hf(path, log)
