@@ -108,13 +108,26 @@ def update_readme(path: str | Path, block: str) -> Path:
     return atomic_write(path, new)
 
 
+def _token_counter():
+    """Count tokens with the default base model's tokenizer when it is already prepared, else fall back to words."""
+    from dndtrain.basemodel import default_model_dir
+
+    folder = default_model_dir()
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+
+
 @_guarded
 def cmd_data_stats(args: argparse.Namespace) -> int:
     from dndtrain.datacheck import corpus_stats, stats_chart, stats_markdown
     from dndtrain.scenario import load_scenarios
 
     registry = ToolRegistry.load(args.registry)
-    stats = corpus_stats(load_scenarios(args.dir), registry)
+    stats = corpus_stats(load_scenarios(args.dir), registry, count_tokens=_token_counter())
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
