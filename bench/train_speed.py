@@ -1,0 +1,44 @@
+"""Training throughput on the real default model: tokens/s for a few optimizer steps per precision mode.
+
+Usage:  .venv/bin/python bench/train_speed.py [--steps 8] [--modes bf16,fp32]
+
+Uses the shipped scenarios and a throwaway output folder. Modes run one after another in the same process
+environment; the machines are noisy, so compare numbers from one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--modes", default="bf16,fp32")
+    ap.add_argument("--batch-size", type=int, default=2)
+    args = ap.parse_args(argv)
+    from dndtrain.config import TrainConfig
+    from dndtrain.paths import Paths
+    from dndtrain.train import train
+
+    rows = []
+    for mode in args.modes.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig(max_steps=args.steps, precision=mode, batch_size=args.batch_size, save_steps=10**6,
+                              logging_steps=1)
+            r = train(cfg, Paths.make(ROOT, output=tmp), log=lambda *a: None)
+            rows.append({"precision": mode, "steps": r.steps, "train_s": round(r.train_time_s, 1),
+                         "tokens_per_s": round(r.tokens_per_s, 1), "peak_rss_mb": round(r.peak_rss_mb)})
+            print(rows[-1], flush=True)
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
