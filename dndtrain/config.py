@@ -96,7 +96,7 @@ class TestConfig:
     n_ctx: int = 2048
     """llama.cpp context length."""
     threads: int = 0
-    """llama.cpp threads; 0 = number of cores."""
+    """llama.cpp threads; 0 = the cores not already busy (cores minus the 1-minute load average, at least 1)."""
 
 
 @dataclass

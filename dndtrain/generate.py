@@ -126,6 +126,47 @@ def adapter_base(path: Path) -> Path:
     return base
 
 
+def _buffer_layer(keys, values, length: int):
+    """A cache layer over preallocated key/value buffers (`[batch, heads, capacity, dim]`, the first `length`
+    positions filled). Decoding writes each new position in place instead of concatenating the whole cache per token
+    (which is half the time of a CPU decoding step at ~700 tokens of context)."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self.kbuf, self.vbuf, self.n = keys, values, length
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+            self._view()
+
+        def _view(self):
+            self.keys = self.kbuf[:, :, : self.n]
+            self.values = self.vbuf[:, :, : self.n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            m = key_states.shape[-2]
+            if self.n + m > self.kbuf.shape[2]:
+                grow = max(m, 64)
+                self.kbuf = torch.cat([self.kbuf, self.kbuf.new_zeros(self.kbuf.shape[:2] + (grow, self.kbuf.shape[3]))], 2)
+                self.vbuf = torch.cat([self.vbuf, self.vbuf.new_zeros(self.vbuf.shape[:2] + (grow, self.vbuf.shape[3]))], 2)
+            self.kbuf[:, :, self.n:self.n + m] = key_states
+            self.vbuf[:, :, self.n:self.n + m] = value_states
+            self.n += m
+            self._view()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+            self._view()
+
+        def crop(self, tokens_to_remove):
+            raise NotImplementedError("buffered decoding caches are not croppable")
+
+    return BufferLayer()
+
+
 def _sliding(config) -> bool:
     return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
 
@@ -237,59 +278,51 @@ class HFGenerator(Generator):
         rows = []
         for i, root in chunk:
             t = first_tok[i]
-            if t in self.stop_ids or max_new_tokens <= 0:
-                results[i] = GenResult("", t in self.stop_ids, 0)
+            if t in self.stop_ids:
+                results[i] = GenResult("", True, 0)
+            elif max_new_tokens <= 1:
+                results[i] = self._result([t][:max_new_tokens], False)
             else:
                 rows.append((i, root, len(prompts[i])))
         if not rows:
             return
         gen = {i: [first_tok[i]] for i, _, _ in rows}
         width = max(n for _, _, n in rows)
-        n_layers = len(cache[rows[0][1]])
-        data = []
-        for layer in range(n_layers):
+        layers = []
+        for layer in range(len(cache[rows[0][1]])):
             k0, v0 = cache[rows[0][1]][layer]
-            k = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
-            v = v0.new_zeros((len(rows), v0.shape[1], width, v0.shape[3]))
+            k = k0.new_zeros((len(rows), k0.shape[1], width + max_new_tokens, k0.shape[3]))
+            v = v0.new_zeros((len(rows), v0.shape[1], width + max_new_tokens, v0.shape[3]))
             for b, (_, root, n) in enumerate(rows):
                 rk, rv = cache[root][layer]
-                k[b, :, width - n:] = rk[0, :, :n]
-                v[b, :, width - n:] = rv[0, :, :n]
-            data.append((k, v))
-        kv = DynamicCache(ddp_cache_data=data)
+                k[b, :, width - n:width] = rk[0, :, :n]
+                v[b, :, width - n:width] = rv[0, :, :n]
+            layers.append(_buffer_layer(k, v, width))
+        kv = DynamicCache()
+        kv.layers = layers
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, (_, _, n) in enumerate(rows):
             mask[b, width - n:] = 1
         active = [i for i, _, _ in rows]
         pos = torch.tensor([[n] for _, _, n in rows], dtype=torch.long)
         while active:
-            done = [b for b, i in enumerate(active) if len(gen[i]) >= max_new_tokens]
-            for b in done:
-                results[active[b]] = self._result(gen[active[b]], False)
-            if done:
-                keep = [b for b in range(len(active)) if b not in done]
-                if not keep:
-                    break
-                idx = torch.tensor(keep, dtype=torch.long)
-                kv.batch_select_indices(idx)
-                mask, pos = mask[idx], pos[idx]
-                active = [active[b] for b in keep]
             x = torch.tensor([[gen[i][-1]] for i in active], dtype=torch.long)
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             out = self.model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=kv,
                              use_cache=True, logits_to_keep=1)
             kv = out.past_key_values
             pos = pos + 1
-            nxt = out.logits[:, -1].argmax(-1).tolist()
-            finished = []
-            for b, (i, t) in enumerate(zip(active, nxt)):
+            keep = []
+            for b, (i, t) in enumerate(zip(active, out.logits[:, -1].argmax(-1).tolist())):
                 if t in self.stop_ids:
                     results[i] = self._result(gen[i], True)
-                    finished.append(b)
+                    continue
+                gen[i].append(t)
+                if len(gen[i]) >= max_new_tokens:
+                    results[i] = self._result(gen[i], False)
                 else:
-                    gen[i].append(t)
-            if finished:
-                keep = [b for b in range(len(active)) if b not in finished]
+                    keep.append(b)
+            if len(keep) < len(active):
                 if not keep:
                     break
                 idx = torch.tensor(keep, dtype=torch.long)

