@@ -53,11 +53,18 @@ def scenario_messages(scenario: Scenario, tool_lines: list[str]) -> list[dict[st
     return messages
 
 
+DECISION_WEIGHT = 4.0
+"""Loss weight of the tokens that carry the tool decision: every tool-call token and each DM turn's end-of-turn
+token (ending a turn instead of calling a tool is the "no call" decision). Narration tokens weigh 1."""
+
+
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]
     """-100 everywhere except the tokens of assistant (DM) turns, including their end-of-turn token."""
+    weights: list[float] = None
+    """Per-token loss weight (0 where labels are -100, DECISION_WEIGHT on tool calls and end-of-turn, else 1)."""
     dropped_exchanges: int = 0
 
 
@@ -86,14 +93,22 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]], eot: str) -> tupl
     return full, spans
 
 
-def tokenize_messages(tokenizer, messages: list[dict[str, str]], eot: str) -> Example:
+def tokenize_messages(tokenizer, messages: list[dict[str, str]], eot: str,
+                      decision_weight: float = DECISION_WEIGHT) -> Example:
+    from dndtrain.toolcalls import CALL_RE
+
     text, spans = assistant_spans(tokenizer, messages, eot)
+    decisions = [(m.start(), m.end()) for s, e in spans for m in CALL_RE.finditer(text, s, e)]
+    decisions += [(e - len(eot), e) for s, e in spans if text.startswith(eot, e - len(eot))]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = []
-    for tok_id, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
+    labels, weights = [], []
+    for tok_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
         inside = any(s <= start < e for s, e in spans)
         labels.append(tok_id if inside else -100)
-    return Example(list(enc["input_ids"]), labels)
+        # A token counts as a decision token when it overlaps a call (" [" starts inside a call) or the end-of-turn.
+        decisive = inside and any(start < e and max(end, start + 1) > s for s, e in decisions)
+        weights.append(0.0 if not inside else (decision_weight if decisive else 1.0))
+    return Example(list(enc["input_ids"]), labels, weights)
 
 
 def _exchange_starts(messages: list[dict[str, str]]) -> list[int]:
@@ -111,7 +126,7 @@ def build_example(tokenizer, messages: list[dict[str, str]], eot: str, max_len: 
         messages = messages[:1] + messages[starts[1]:]
         dropped += 1
     if len(ex.input_ids) > max_len:
-        ex = Example(ex.input_ids[:max_len], ex.labels[:max_len])
+        ex = Example(ex.input_ids[:max_len], ex.labels[:max_len], ex.weights[:max_len])
     ex.dropped_exchanges = dropped
     return ex
 

@@ -26,7 +26,9 @@ from typing import Callable, Iterator
 
 from dndtrain.stages import StageError
 
-BATCH_SIZE = 8
+BATCH_SIZE = 16
+KV_BUDGET = 16 * 1024
+"""Most key/value positions (rows x longest prompt + new tokens) decoded together; bounds memory (~0.7 GB at 135M)."""
 GGUF_CONTEXT = 4096
 
 
@@ -70,6 +72,11 @@ class Generator:
     def conversation_nll(self, messages: list[dict]) -> list[tuple[float, int]] | None:
         """(summed NLL, tokens) of every assistant message in a conversation, from one forward pass."""
         return None
+
+    def generate_and_score(self, batch: list[list[dict]], conversations: list[list[dict]], max_new_tokens: int,
+                           progress: Callable[[int], None] | None = None):
+        """`generate_batch(batch)` plus `conversation_nll` of each conversation (None entries where unsupported)."""
+        return self.generate_batch(batch, max_new_tokens, progress), [self.conversation_nll(c) for c in conversations]
 
     def close(self) -> None:
         pass
@@ -201,55 +208,97 @@ class HFGenerator(Generator):
 
     # -- batched greedy generation --
     def generate_batch(self, batch, max_new_tokens, progress=None):
+        return self.generate_and_score(batch, [], max_new_tokens, progress)[0]
+
+    def generate_and_score(self, batch, conversations, max_new_tokens, progress=None):
+        """Generate every prompt of `batch` and score every assistant turn of `conversations`, sharing the forward
+        passes: a conversation is usually the root that the prompts of its DM turns are prefixes of."""
         import torch
 
         prompts = [self.encode(m) for m in batch]
+        refs = [self._targets(c) for c in conversations]
         results: list[GenResult | None] = [None] * len(prompts)
+        scored: list[list[tuple[float, int]] | None] = [None] * len(refs)
         with torch.inference_mode():
             if self.shared_prefix:
-                self._generate_shared(prompts, max_new_tokens, results, progress)
+                self._generate_shared(prompts, refs, max_new_tokens, results, scored, progress)
             else:
                 self._generate_padded(prompts, max_new_tokens, results, progress)
-        return [r for r in results]  # type: ignore[misc]
+                scored = [self._score_alone(r) for r in refs]
+        return results, scored
 
-    def _groups(self, prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
-        """(root, members) where every member's tokens are a prefix of the root's; members sorted by length."""
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    @staticmethod
+    def _groups(seqs: list[list[int]]) -> list[tuple[int, list[int]]]:
+        """(root, members): every member's tokens are a prefix of its root's (the root is a member too). Groups come
+        in the order of their first member, members sorted by length."""
+        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
         roots: list[int] = []
         members: dict[int, list[int]] = {}
         for i in order:
-            p = prompts[i]
+            p = seqs[i]
             for r in roots:
-                if prompts[r][: len(p)] == p:
+                if len(seqs[r]) >= len(p) and seqs[r][: len(p)] == p:
                     members[r].append(i)
                     break
             else:
                 roots.append(i)
                 members[i] = [i]
-        # process groups in the order their prompts were given (scenario order keeps memory bounded)
         first = {r: min(m) for r, m in members.items()}
-        return [(r, sorted(members[r], key=lambda i: (len(prompts[i]), i))) for r in sorted(roots, key=first.get)]
+        return [(r, sorted(members[r], key=lambda i: (len(seqs[i]), i))) for r in sorted(roots, key=first.get)]
 
-    def _prefill(self, ids: list[int], positions: list[int]):
-        """One forward over `ids`; returns the per-layer (k, v) cache and the greedy next token after each position."""
+    def _targets(self, messages: list[dict]):
+        """Token ids of a conversation, the (label position, assistant turn) pairs to score, and the turn count."""
+        from dndtrain.chat import assistant_spans
+
+        text, spans = assistant_spans(self.tok, messages, self.eot)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        which = []
+        for t, (start, _end) in enumerate(enc["offset_mapping"]):
+            if t == 0:
+                continue
+            s = next((k for k, (a, b) in enumerate(spans) if a <= start < b), None)
+            if s is not None:
+                which.append((t, s))
+        return list(enc["input_ids"]), which, len(spans)
+
+    @staticmethod
+    def _nll(logits, rows: list[int], targets: list[int], which, n_turns: int) -> list[tuple[float, int]]:
         import torch
 
-        x = torch.tensor([ids], dtype=torch.long)
-        keep = torch.tensor(sorted(set(positions)), dtype=torch.long)
-        out = self.model(input_ids=x, use_cache=True, logits_to_keep=keep)
-        nxt = dict(zip(keep.tolist(), out.logits[0].argmax(-1).tolist()))
-        layers = [(kv[0], kv[1]) for kv in out.past_key_values]
-        return layers, [nxt[p] for p in positions]
+        totals = [[0.0, 0] for _ in range(n_turns)]
+        if which:
+            logp = torch.log_softmax(logits[rows].float(), dim=-1)
+            nll = (-logp.gather(1, torch.tensor(targets, dtype=torch.long)[:, None])[:, 0]).tolist()
+            for (_, s), v in zip(which, nll):
+                totals[s][0] += v
+                totals[s][1] += 1
+        return [(float(a), int(b)) for a, b in totals]
 
-    def _generate_shared(self, prompts, max_new_tokens, results, progress):
-        groups = self._groups(prompts)
+    def _score_alone(self, ref) -> list[tuple[float, int]]:
+        import torch
+
+        ids, which, n = ref
+        if not which:
+            return [(0.0, 0)] * n
+        keep = [t - 1 for t, _ in which]
+        out = self.model(input_ids=torch.tensor([ids]), logits_to_keep=torch.tensor(keep, dtype=torch.long))
+        return self._nll(out.logits[0], list(range(len(keep))), [ids[t] for t, _ in which], which, n)
+
+    def _generate_shared(self, prompts, refs, max_new_tokens, results, scored, progress):
+        import torch
+
+        n_prompts = len(prompts)
+        seqs = prompts + [r[0] for r in refs]
         cache: dict[int, list] = {}
         first_tok: dict[int, int] = {}
         pending: list[tuple[int, int]] = []  # (prompt index, root)
-        remaining = {r: len(m) for r, m in groups}
+        remaining: dict[int, int] = {}
 
-        def flush(n: int) -> None:
+        def flush() -> None:
             nonlocal pending
+            n = min(self.batch_size, len(pending))
+            while n > 1 and n * (max(len(prompts[i]) for i, _ in pending[:n]) + max_new_tokens) > KV_BUDGET:
+                n -= 1
             chunk, pending = pending[:n], pending[n:]
             self._decode_rows(chunk, prompts, cache, first_tok, max_new_tokens, results)
             for _, r in chunk:
@@ -259,16 +308,38 @@ class HFGenerator(Generator):
             if progress:
                 progress(len(chunk))
 
-        for root, members in groups:
-            layers, toks = self._prefill(prompts[root], [len(prompts[i]) - 1 for i in members])
-            cache[root] = layers
-            for i, t in zip(members, toks):
-                first_tok[i] = t
+        for root, members in self._groups(seqs):
+            gen_members = [i for i in members if i < n_prompts]
+            ref_members = [i - n_prompts for i in members if i >= n_prompts]
+            positions = [len(prompts[i]) - 1 for i in gen_members]
+            for j in ref_members:
+                positions += [t - 1 for t, _ in refs[j][1]]
+            keep = sorted(set(positions))
+            if not keep:
+                continue
+            out = self.model(input_ids=torch.tensor([seqs[root]], dtype=torch.long), use_cache=bool(gen_members),
+                             logits_to_keep=torch.tensor(keep, dtype=torch.long))
+            logits = out.logits[0]
+            row = {p: k for k, p in enumerate(keep)}
+            for j in ref_members:
+                ids, which, n = refs[j]
+                scored[j] = self._nll(logits, [row[t - 1] for t, _ in which], [ids[t] for t, _ in which], which, n)
+            if not gen_members:
+                continue
+            cache[root] = [(kv[0], kv[1]) for kv in out.past_key_values]
+            remaining[root] = len(gen_members)
+            best = logits.argmax(-1).tolist()
+            for i in gen_members:
+                first_tok[i] = best[row[len(prompts[i]) - 1]]
                 pending.append((i, root))
+            del out, logits
             while len(pending) >= self.batch_size:
-                flush(self.batch_size)
+                flush()
         while pending:
-            flush(self.batch_size)
+            flush()
+        for j, r in enumerate(refs):  # conversations with nothing to score
+            if scored[j] is None:
+                scored[j] = [(0.0, 0)] * r[2]
 
     def _decode_rows(self, chunk, prompts, cache, first_tok, max_new_tokens, results):
         """Greedy decoding of several prompts at once from left-padded slices of their roots' caches."""
@@ -384,33 +455,8 @@ class HFGenerator(Generator):
     def conversation_nll(self, messages):
         import torch
 
-        from dndtrain.chat import assistant_spans
-
-        text, spans = assistant_spans(self.tok, messages, self.eot)
-        if not spans:
-            return []
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        which = []  # (token position, span index)
-        for t, (start, _end) in enumerate(enc["offset_mapping"]):
-            if t == 0:
-                continue
-            for s, (a, b) in enumerate(spans):
-                if a <= start < b:
-                    which.append((t, s))
-                    break
-        totals = [[0.0, 0] for _ in spans]
-        if which:
-            with torch.inference_mode():
-                keep = torch.tensor([t - 1 for t, _ in which], dtype=torch.long)
-                out = self.model(input_ids=torch.tensor([ids]), logits_to_keep=keep)
-                logp = torch.log_softmax(out.logits[0].float(), dim=-1)
-                targets = torch.tensor([ids[t] for t, _ in which], dtype=torch.long)
-                nll = (-logp.gather(1, targets[:, None])[:, 0]).tolist()
-            for (_, s), v in zip(which, nll):
-                totals[s][0] += v
-                totals[s][1] += 1
-        return [(float(a), int(b)) for a, b in totals]
+        with torch.inference_mode():
+            return self._score_alone(self._targets(messages))
 
     def reference_nll(self, messages, target_text):
         scored = self.conversation_nll(list(messages) + [{"role": "assistant", "content": target_text}])

@@ -101,7 +101,7 @@ def build_dataset(scenarios, tokenizer, eot: str, tool_lines: list[str], max_len
     for s in scenarios:
         ex = build_example(tokenizer, scenario_messages(s, tool_lines), eot, max_len)
         if any(l != -100 for l in ex.labels):
-            rows.append({"input_ids": ex.input_ids, "labels": ex.labels})
+            rows.append({"input_ids": ex.input_ids, "labels": ex.labels, "loss_weights": ex.weights})
     if not rows:
         raise TrainError("no trainable DM turns in the training data")
     return Dataset.from_list(rows)
@@ -180,6 +180,61 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 # --- training -------------------------------------------------------------------------------------------------------
 
+class WeightedCollator:
+    """Pads input_ids / labels / loss_weights of a batch to its longest example (right padding)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        n = max(len(e["input_ids"]) for e in examples)
+
+        def pad(key, value, dtype):
+            return torch.tensor([list(e[key]) + [value] * (n - len(e[key])) for e in examples], dtype=dtype)
+
+        return {
+            "input_ids": pad("input_ids", self.pad_token_id, torch.long),
+            "labels": pad("labels", -100, torch.long),
+            "loss_weights": pad("loss_weights", 0.0, torch.float32),
+            "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (n - len(e["input_ids"]))
+                                            for e in examples], dtype=torch.long),
+        }
+
+
+def weighted_dm_loss(model, inputs: dict):
+    """Cross-entropy on DM tokens only, weighted per token, projecting through the LM head only the positions that
+    have a label (about a third of the tokens): `logits_to_keep` takes the union of those positions in the batch."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    weights = inputs["loss_weights"]
+    target = labels[:, 1:]
+    keep = (target != -100).any(dim=0).nonzero().flatten()  # positions t whose next token is trained
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep,
+                use_cache=False)
+    logits = out.logits.float()  # [batch, len(keep), vocab]
+    tgt = target[:, keep]
+    w = weights[:, 1:][:, keep] * (tgt != -100)
+    ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="none")
+    return (ce * w.flatten()).sum() / w.sum().clamp(min=1e-6), out
+
+
+def make_trainer_class():
+    from trl import SFTTrainer
+
+    class DMTrainer(SFTTrainer):
+        """TRL's SFTTrainer with the decision-weighted DM loss (see `chat.DECISION_WEIGHT`)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, out = weighted_dm_loss(model, inputs)
+            return (loss, out) if return_outputs else loss
+
+    return DMTrainer
+
+
 def make_callbacks(history: list[dict], on_log=None):
     from transformers import TrainerCallback
 
@@ -237,7 +292,7 @@ def train(
         f"{'bf16 autocast' if bf16 else 'fp32'}, {cfg.max_steps} steps")
 
     from peft import LoraConfig, PeftModel
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     model = load_model(base_path)
     targets = cfg.lora_target_modules
@@ -273,12 +328,12 @@ def train(
         train_sampling_strategy="group_by_length",
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
-        remove_unused_columns=True,
+        remove_unused_columns=False,
     )
     history: list[dict] = []
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=peft_config, callbacks=make_callbacks(history, on_log),
+    trainer = make_trainer_class()(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+        data_collator=WeightedCollator(tokenizer.pad_token_id), callbacks=make_callbacks(history, on_log),
     )
     checkpoint = None
     if resume:

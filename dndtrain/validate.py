@@ -186,17 +186,16 @@ def score_generator(gen, examples: list[Example], cfg: ValidateConfig, registry,
     from dndtrain.game import GameState
 
     t0 = time.time()
+    files = list(dict.fromkeys(e.file for e in examples))
+    convs = {e.file: e.conversation for e in examples}
     with tqdm(total=len(examples), desc=f"{label:<7}", unit="turn", dynamic_ncols=True) as bar:
-        outs = gen.generate_batch([e.messages for e in examples], cfg.max_new_tokens, progress=bar.update)
+        outs, scored = gen.generate_and_score([e.messages for e in examples],
+                                              [convs[f] for f in files] if gen.supports_nll else [],
+                                              cfg.max_new_tokens, progress=bar.update)
     nll: dict[tuple[str, int], tuple[float, int]] = {}
-    if gen.supports_nll:
-        done: set[str] = set()
-        for e in examples:
-            if e.file in done:
-                continue
-            done.add(e.file)
-            for k, v in enumerate(gen.conversation_nll(e.conversation) or []):
-                nll[(e.file, k)] = v
+    for f, per_turn in zip(files, scored):
+        for k, v in enumerate(per_turn or []):
+            nll[(f, k)] = v
     scores, rows = [], []
     for e, out in zip(examples, outs):
         state = GameState.from_scenario(e.scenario, registry)
@@ -375,6 +374,11 @@ def validate(cfg: ValidateConfig, paths: Paths, model: Path | None = None, scena
     if cfg.limit < 0:
         raise StageError(f"validate.limit must be 0 (all) or a positive number, got {cfg.limit}")
     model = Path(model) if model else require(paths.model_dir, "trained model", "npm run train")
+    threads = int(getattr(cfg, "threads", 0) or 0)  # honoured once ValidateConfig has a `threads` field
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     kind = model_kind(model)
     registry = ToolRegistry.load(paths.tool_registry)
     tool_lines = default_tool_lines(registry)

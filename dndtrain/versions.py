@@ -207,6 +207,22 @@ def _training_metadata(paths: Paths) -> dict[str, Any]:
         return {}
 
 
+def _metadata_describes(meta: dict[str, Any], model_dir: Path) -> bool:
+    """Does this training metadata belong to the model in `model_dir`? Same folder, or (a moved project) the same
+    train/held-out split; never the staging folder of an unfinished incremental run."""
+    recorded = meta.get("model_dir")
+    if not recorded or Path(recorded).resolve() == model_dir.resolve():
+        return True
+    if ".incremental-staging" in Path(recorded).parts:
+        return False
+    try:
+        split = json.loads((model_dir / "split.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    ms = meta.get("split") or {}
+    return isinstance(split, dict) and split.get("train") == ms.get("train") and split.get("holdout") == ms.get("holdout")
+
+
 def record_version(paths: Paths, kind: str = "full", parent: str | None = None, data_dir: Path | None = None,
                    log=print) -> Version:
     """Snapshot `paths.model_dir` (+ `paths.training_metadata`) as the next version vN and make it current.
@@ -227,8 +243,9 @@ def record_version(paths: Paths, kind: str = "full", parent: str | None = None, 
         return cur
 
     meta = _training_metadata(paths)
-    if meta and meta.get("model_dir") and Path(meta["model_dir"]).resolve() != model_dir.resolve():
-        meta = {}  # metadata of some other model folder: do not attribute it to this one
+    if meta and not _metadata_describes(meta, model_dir):
+        log(f"note: {paths.training_metadata} describes another model; recording {model_dir} without it")
+        meta = {}
     if data_dir is not None:
         manifest = data_manifest(Path(data_dir))
     elif isinstance(meta.get("data_manifest"), dict):

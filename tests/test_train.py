@@ -65,3 +65,14 @@ def test_train_writes_adapter_metadata_and_curve(tiny_trained):
     for key in ("data_hash", "wall_time_s", "tokens_per_s", "peak_rss_mb", "base_model"):
         assert meta[key]
     assert p.loss_curve.is_file() and p.loss_curve.stat().st_size > 1000
+
+
+def test_decision_tokens_weigh_more(scenes_dir, tiny_model_dir):
+    from dndtrain.chat import DECISION_WEIGHT
+
+    tok = load_tokenizer(tiny_model_dir)
+    s = parse_file(scenes_dir / "roleplay/tavern_rumors.md", scenes_dir)
+    ex = build_example(tok, scenario_messages(s, default_tool_lines()), "<|im_end|>", 2048)
+    heavy = tok.decode([i for i, w in zip(ex.input_ids, ex.weights) if w == DECISION_WEIGHT])
+    assert heavy == "<|im_end|> [inventory: Brom, remove, potion of healing]<|im_end|><|im_end|>"
+    assert all((w == 0) == (l == -100) for w, l in zip(ex.weights, ex.labels))

@@ -113,14 +113,18 @@ def test_thresholds(trained_project):
     assert "could not be measured" in res.threshold_failures(min_no_call=0.5)[0]
 
 
-def test_cli_validate_exit_codes(trained_project, capsys):
+def test_cli_validate_exit_codes(trained_project, tmp_path, capsys):
     from dndtrain.cli import main
 
     root = str(trained_project.root)
-    assert main(["validate", "--root", root, "--limit", "2", "--no-base"]) == 0
+    conf = tmp_path / "quick.toml"
+    conf.write_text("[validate]\nmax_new_tokens = 4\n")
+    common = ["validate", "--root", root, "--config", str(conf), "--limit", "2", "--no-base"]
+    assert main(common) == 0
     out = capsys.readouterr().out
     assert "format validity" in out and "Report:" in out
-    assert main(["validate", "--root", root, "--limit", "2", "--no-base", "--min-format", "1.5"]) == 1
+    assert json.loads(trained_project.validation_results.read_text())["max_new_tokens"] == 4
+    assert main(common + ["--min-format", "1.5"]) == 1
     assert "FAILED threshold" in capsys.readouterr().err
 
 
@@ -162,29 +166,57 @@ def test_validate_gguf(trained_project, merged_dir, tmp_path):
         gen.close()
 
 
-def test_shared_prefix_decoding_matches_transformers_generate(smollm_dir):
+@pytest.fixture(scope="module")
+def peaky_model_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny random Llama with large weights, so its next-token choices are far from ties and greedy decoding is
+    stable under the small float differences that padding causes."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("peaky")
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                      tie_word_embeddings=True, initializer_range=0.3, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)  # tied with the embeddings: spread the logits
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def test_shared_prefix_decoding_matches_transformers_generate(peaky_model_dir):
     """The prefix-sharing batched decoder gives exactly what `model.generate` gives, prompt by prompt."""
     from dndtrain.generate import load_hf
 
-    gen = load_hf(smollm_dir, log=lambda *a: None, batch_size=3)
+    gen = load_hf(peaky_model_dir, log=lambda *a: None, batch_size=3)
     sys_msg = {"role": "system", "content": "You are the Dungeon Master. Narrate briefly."}
     conv = [sys_msg, {"role": "user", "content": "I open the door."},
             {"role": "assistant", "content": "It creaks open onto a dark hall."},
             {"role": "user", "content": "I light a torch."}]
     other = [sys_msg, {"role": "user", "content": "What is the weather like?"}]
     batch = [conv[:2], conv, other]
-    shared = gen.generate_batch(batch, 8)
+    shared = gen.generate_batch(batch, 24)
     gen.shared_prefix = False
     gen.batch_size = 1
-    plain = gen.generate_batch(batch, 8)
+    plain = gen.generate_batch(batch, 24)
     assert shared == plain
-    assert all(r.n_tokens <= 8 and "<|im_end|>" not in r.text for r in shared)
+    assert all(r.n_tokens <= 24 and "<|im_end|>" not in r.text for r in shared)
+    assert len({r.text for r in shared}) == 3  # three different continuations, not a degenerate constant
     gen.shared_prefix = True
-    assert "".join(gen.stream(conv, 8)) == shared[1].text
+    assert "".join(gen.stream(conv, 24)) == shared[1].text
     nll = gen.conversation_nll(conv)
     assert len(nll) == 1 and nll[0][1] > 5
     ref = gen.reference_nll(conv[:2], conv[2]["content"])
     assert ref[1] == nll[0][1] and ref[0] == pytest.approx(nll[0][0], rel=1e-4)
+    # scoring rides along with generation (the conversation shares the prompts' forward pass)
+    both, scored = gen.generate_and_score(batch, [conv, other], 24)
+    assert both == shared
+    assert scored[0][0][1] == nll[0][1] and scored[0][0][0] == pytest.approx(nll[0][0], rel=1e-4)
+    assert scored[1] == []  # no assistant turn to score
 
 
 def test_validate_errors_say_what_to_run(tmp_path, trained_project):
