@@ -312,7 +312,8 @@ def check_new_scenes(p) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lrs", default="1e-6,1e-4,2e-4", help="comma-separated learning rates to try")
+    ap.add_argument("--lrs", default="1e-6,1e-4,2e-4",
+                    help="comma-separated learning rates to try; `LR@R` also sets the replay ratio R for that run")
     ap.add_argument("--steps", type=int, default=20, help="incremental steps per run (default 20)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--replay", type=float, default=None, help="replay ratio (default: the config default)")
@@ -363,14 +364,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"before: new-file loss {b['new_loss']['loss']:.3f}; held-out " + _fmt(b["held_out"])
               + f" ({time.time() - t:.0f} s)", flush=True)
 
-        for lr in [float(x) for x in args.lrs.split(",") if x.strip()]:
+        for spec in [x.strip() for x in args.lrs.split(",") if x.strip()]:
+            lr_s, _, replay_s = spec.partition("@")
+            lr = float(lr_s)
             versions.rollback(p, start.name, log=quiet)
             cfg = Config()
             cfg.train.threads = args.threads
             cfg.incremental = dataclasses.replace(cfg.incremental, learning_rate=lr, max_steps=args.steps,
                                                   warmup_steps=args.warmup)
-            if args.replay is not None:
-                cfg.incremental.replay_ratio = args.replay
+            if replay_s or args.replay is not None:
+                cfg.incremental.replay_ratio = float(replay_s) if replay_s else args.replay
             t = time.time()
             res = incremental_train(cfg, p, log=quiet)
             run_s = time.time() - t
@@ -383,22 +386,23 @@ def main(argv: list[str] | None = None) -> int:
             worst = min((deltas[k] for k in ("tool_f1", "format_validity", "no_call_accuracy", "arg_accuracy")
                          if deltas[k] is not None), default=0.0)
             run = {
-                "learning_rate": lr, "incremental_s": round(run_s, 1), "train_files": len(res.new_files) + len(res.replay_files),
+                "learning_rate": lr, "replay_ratio": cfg.incremental.replay_ratio, "incremental_s": round(run_s, 1), "train_files": len(res.new_files) + len(res.replay_files),
                 "new_trained": res.new_files, "held_out_new": res.held_out_new, "final_train_loss": res.final_loss,
                 "new_loss": after_loss, "held_out": after, "held_out_delta": deltas,
                 "new_loss_drop": round(b["new_loss"]["loss"] - after_loss["loss"], 4),
                 "passes": (b["new_loss"]["loss"] - after_loss["loss"]) > 0 and worst >= -MAX_DROP - 1e-9,
             }
             results["runs"].append(run)
-            print(f"lr {lr:g}: {run_s:.0f} s incremental ({run['train_files']} files); new-file loss "
+            print(f"lr {lr:g}, replay {cfg.incremental.replay_ratio:g}: {run_s:.0f} s incremental ({run['train_files']} files); new-file loss "
                   f"{b['new_loss']['loss']:.3f} -> {after_loss['loss']:.3f}; held-out " + _fmt(after)
                   + f"; {'PASS' if run['passes'] else 'fail'}", flush=True)
 
         ok = [r for r in results["runs"] if r["passes"]]
         best = max(ok, key=lambda r: r["new_loss_drop"]) if ok else None
-        results["recommended_learning_rate"] = best["learning_rate"] if best else None
-        print(f"recommended incremental.learning_rate: {best['learning_rate']:g}" if best
-              else "no learning rate passed", flush=True)
+        results["recommended"] = ({"learning_rate": best["learning_rate"], "replay_ratio": best["replay_ratio"]}
+                                  if best else None)
+        print(f"recommended: incremental.learning_rate = {best['learning_rate']:g}, replay_ratio = "
+              f"{best['replay_ratio']:g}" if best else "no setting passed", flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         dest = out / f"incremental-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"

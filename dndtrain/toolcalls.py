@@ -59,4 +59,4 @@ def find_malformed(text: str, tool_names: set[str] | frozenset[str] = frozenset(
 
 def strip_calls(text: str) -> str:
     """Text with all well-formed calls removed (for comparing narration)."""
-    return re.sub(r"\s{2,}", " ", CALL_RE.sub("", text)).strip()
+    return re.sub(r"[ \t]{2,}", " ", re.sub(r"[ \t]+\n", "\n", CALL_RE.sub("", text))).strip()

@@ -419,12 +419,19 @@ def validate(cfg: ValidateConfig, paths: Paths, model: Path | None = None, scena
         del gen
     base = None
     if base_path is not None:
-        gen = load_generator(base_path, log)
+        from dndtrain.basemodel import BaseModelError
+
         try:
-            base = score_generator(gen, examples, cfg, registry, "base", log)
-        finally:
-            gen.close()
-            del gen
+            gen = load_generator(base_path, log)
+        except (StageError, BaseModelError, OSError) as exc:  # the comparison is optional; keep the trained scores
+            log(f"warning: cannot load the base model for comparison ({exc}); scoring the trained model only")
+            base_path = None
+        else:
+            try:
+                base = score_generator(gen, examples, cfg, registry, "base", log)
+            finally:
+                gen.close()
+                del gen
 
     rows = []
     for k, e in enumerate(examples):

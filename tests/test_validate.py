@@ -206,6 +206,16 @@ def test_shared_prefix_decoding_matches_transformers_generate(peaky_model_dir):
     assert shared == plain
     assert all(r.n_tokens <= 24 and "<|im_end|>" not in r.text for r in shared)
     assert len({r.text for r in shared}) == 3  # three different continuations, not a degenerate constant
+    # An early stop (a token of the first reply made a stop token): rows finish at different steps, so the batch
+    # is rebuilt around a row that is still decoding; the results must not change.
+    stops = set(gen.stop_ids)
+    gen.stop_ids = stops | {gen.tok(shared[0].text, add_special_tokens=False)["input_ids"][3]}
+    gen.shared_prefix, gen.batch_size = True, 2
+    early = gen.generate_batch(batch, 24)
+    gen.shared_prefix, gen.batch_size = False, 1
+    assert early == gen.generate_batch(batch, 24)
+    assert early[0].stopped_at_eot and early[0].n_tokens < 24 and early[1].n_tokens > early[0].n_tokens
+    gen.stop_ids = stops
     gen.shared_prefix = True
     assert "".join(gen.stream(conv, 24)) == shared[1].text
     nll = gen.conversation_nll(conv)
