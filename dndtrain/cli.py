@@ -53,8 +53,12 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     paths = _paths(args)
     res = train(cfg.train, paths, data_dir=Path(args.data) if args.data else None, resume=args.resume, log=_log)
+    from dndtrain.versions import record_version
+
+    version = record_version(paths, kind="full", data_dir=Path(args.data) if args.data else None, log=_log)
     print()
     print(res.summary())
+    print(f"Version: {version.name} (trained_models/versions/{version.name})")
     print("Next: npm run train:validate  (dndtrain validate)")
     return 0
 
@@ -70,6 +74,10 @@ def cmd_validate(args) -> int:
     paths = _paths(args)
     res = validate(cfg.validate, paths, model=Path(args.model) if args.model else None,
                    scenarios_dir=Path(args.scenarios) if args.scenarios else None, log=_log)
+    if not args.model and not args.scenarios and paths.model_dir.is_dir():
+        from dndtrain.versions import attach_validation
+
+        attach_validation(paths, log=_log)
     print()
     print(res.summary())
     failures = res.threshold_failures(min_f1=args.min_f1, min_format=args.min_format, min_no_call=args.min_no_call)
