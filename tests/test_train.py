@@ -1,7 +1,7 @@
 import json
 
 from dndtrain.basemodel import end_of_turn_token, load_tokenizer
-from dndtrain.chat import build_example, default_tool_lines, dm_content, scenario_messages, system_prompt
+from dndtrain.chat import build_example, default_tool_lines, scenario_messages, system_prompt
 from dndtrain.scenario import parse_file
 from dndtrain.train import split_scenarios, train
 from dndtrain.scenario import load_scenarios
@@ -14,7 +14,7 @@ def test_loss_mask_covers_exactly_the_dm_turns(scenes_dir, tiny_model_dir):
     s = parse_file(scenes_dir / "roleplay/tavern_rumors.md", scenes_dir)
     ex = build_example(tok, scenario_messages(s, default_tool_lines()), eot, 2048)
     trained = tok.decode([i for i, l in zip(ex.input_ids, ex.labels) if l != -100])
-    dm = [dm_content(t.text) for t in s.turns if t.role == "dm"]
+    dm = [t.text for t in s.turns if t.role == "dm"]
     assert trained == "".join(d + eot for d in dm)
     # Nothing from the system prompt, the user or the tool result is trained on.
     assert "Yawning Portal" not in trained and "Brom asks" not in trained and "removed potion" not in trained
@@ -74,13 +74,5 @@ def test_decision_tokens_weigh_more(scenes_dir, tiny_model_dir):
     s = parse_file(scenes_dir / "roleplay/tavern_rumors.md", scenes_dir)
     ex = build_example(tok, scenario_messages(s, default_tool_lines()), "<|im_end|>", 2048)
     heavy = tok.decode([i for i, w in zip(ex.input_ids, ex.weights) if w == DECISION_WEIGHT])
-    # Each DM turn's first token, every call token and every end-of-turn token.
-    assert heavy == "The<|im_end|>[inventory: Brom, remove, potion of healing]<|im_end|>\"<|im_end|>"
+    assert heavy == "<|im_end|> [inventory: Brom, remove, potion of healing]<|im_end|><|im_end|>"
     assert all((w == 0) == (l == -100) for w, l in zip(ex.weights, ex.labels))
-
-
-def test_dm_content_puts_calls_first():
-    assert dm_content("You swing. [roll: d20+5]") == "[roll: d20+5]\nYou swing."
-    assert dm_content("A [check: stealth, Lyra] B [save: dexterity, Lyra, 12]") == (
-        "[check: stealth, Lyra] [save: dexterity, Lyra, 12]\nA B")
-    assert dm_content("Just talk.") == "Just talk."
