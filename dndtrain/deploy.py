@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dndtrain.config import Config
 from dndtrain.paths import DEPLOY_NAME, Paths
-from dndtrain.stages import StageError, require
+from dndtrain.stages import StageError, read_json_object, require
 
 GGUF_NAME = "dnd_model.gguf"
 MODEL_NAME = "dnd_model"
@@ -72,15 +72,6 @@ def _copy_file(src: Path, dst: Path) -> None:
     """One file copy (a separate function so tests can make it fail midway)."""
     shutil.copyfile(src, dst)
 
-
-def _load_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StageError(f"{path}: cannot read ({exc}); run `npm run train:convert` again") from None
-    if not isinstance(data, dict):
-        raise StageError(f"{path}: expected a JSON object; run `npm run train:convert` again")
-    return data
 
 
 def _scalars(data, depth: int = 2, prefix: str = "") -> dict:
@@ -397,7 +388,7 @@ def deploy(cfg: Config, paths: Paths, log=print) -> DeployResult:
     from dndtrain.train import replace_dir
 
     require(paths.export_info, "exported model", "npm run train:convert")
-    info = _load_json(paths.export_info)
+    info = read_json_object(paths.export_info, "run `npm run train:convert` again")
     quant = (cfg.export.quant or "").lower()
     files_info = info.get("files") or {}
     gguf_src = paths.gguf_file(quant)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dndtrain.config import ExportConfig
 from dndtrain.paths import Paths
-from dndtrain.stages import StageError, require
+from dndtrain.stages import StageError, read_json_object, require
 
 QUANTS = ("q4_k_m", "q8_0", "f16")
 # llama.cpp `enum llama_ftype` values (also gguf.LlamaFileType), i.e. the `general.file_type` a file must carry.
@@ -124,15 +124,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StageError(f"{path}: cannot read ({exc})") from None
-    if not isinstance(data, dict):
-        raise StageError(f"{path}: expected a JSON object")
-    return data
-
 
 def _tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
     try:
@@ -199,9 +190,9 @@ def _resolve_source(model_dir: Path, log) -> _Source:
     if not model_dir.is_dir():
         raise StageError(f"{model_dir} is not a folder; expected a trained model (LoRA adapter) "
                          f"or a Hugging Face model folder")
-    made_by = _read_json(model_dir / "dndtrain_config.json") if (model_dir / "dndtrain_config.json").is_file() else {}
+    made_by = read_json_object(model_dir / "dndtrain_config.json") if (model_dir / "dndtrain_config.json").is_file() else {}
     if (model_dir / "adapter_config.json").is_file():
-        adapter_cfg = _read_json(model_dir / "adapter_config.json")
+        adapter_cfg = read_json_object(model_dir / "adapter_config.json")
         candidates = [made_by.get("base_model_path"), adapter_cfg.get("base_model_name_or_path")]
         base = next((Path(c) for c in candidates if isinstance(c, str) and c and Path(c).is_dir()), None)
         if base is None:
@@ -227,7 +218,7 @@ def _resolve_source(model_dir: Path, log) -> _Source:
 def _fix_tokenizer_config(folder: Path, eot: str, template: str) -> None:
     """EOS = end of turn, no automatic BOS/EOS, and the chat template inline (the converter reads this file first)."""
     path = folder / "tokenizer_config.json"
-    cfg = _read_json(path) if path.is_file() else {}
+    cfg = read_json_object(path) if path.is_file() else {}
     cfg["eos_token"] = eot
     cfg["add_bos_token"] = False
     cfg["add_eos_token"] = False
