@@ -1,8 +1,9 @@
 """Benchmark incremental training on the real trained model: which learning rate learns 5 new scenes without
 forgetting the old held-out ones?
 
-Usage:  .venv/bin/python bench/incremental_bench.py [--lrs 1e-6,1e-4,2e-4] [--steps 20] [--limit 40] [--threads 0]
+Usage:  .venv/bin/python bench/incremental_bench.py [--lrs 1e-6,1e-4,2e-4@3] [--steps 20] [--limit 40] [--threads 0]
                                                    [--src .] [--out bench/results]
+        (`LR@R` runs learning rate LR with replay ratio R; --limit 0 scores every held-out turn)
 
 Works in a temp COPY of the project (data folder + trained_models/dnd_model + training_metadata.json + registry), so
 the real trained_models/ and data/ are never touched. Five new scenario files (below, written to data/FORMAT.md and
@@ -270,7 +271,11 @@ def held_out_scores(paths, holdout_dir: Path, limit: int, max_new_tokens: int) -
     res = validate(ValidateConfig(limit=limit, compare_base=False, max_new_tokens=max_new_tokens), paths,
                    scenarios_dir=holdout_dir, log=lambda *a: None)
     agg = res.trained
-    return {**{k: agg.get(k) for k in SCORE_KEYS}, "n_examples": res.n_examples, "time_s": round(res.wall_time_s, 1)}
+    # The counts give the resolution of each share: one greedy turn flipping moves no-call accuracy by
+    # 1 / n_no_call_examples, tool F1 by about 1 / n_expected_calls.
+    counts = {k: agg.get(k) for k in ("n_expected_calls", "n_no_call_examples")}
+    return {**{k: agg.get(k) for k in SCORE_KEYS}, **counts, "n_examples": res.n_examples,
+            "time_s": round(res.wall_time_s, 1)}
 
 
 # --- setup -----------------------------------------------------------------------------------------------------------

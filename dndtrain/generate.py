@@ -91,6 +91,15 @@ class Generator:
         return self.path.name
 
 
+def prefer_passive_threads() -> None:
+    """Let waiting OpenMP threads sleep instead of spin (`OMP_WAIT_POLICY=PASSIVE`, unless the user set it).
+
+    Takes effect only before torch is first imported in the process. On a 2-core machine that is also busy with
+    something else, spinning threads made a decoding step 4x slower (1185 ms vs 287 ms measured); on an idle machine
+    the difference is a few percent."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 # --- Hugging Face ----------------------------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
@@ -637,6 +646,7 @@ def load_hf(path: Path, log=print, batch_size: int = BATCH_SIZE) -> HFGenerator:
 
 def load_generator(path: Path, log=print) -> Generator:
     """A generator for an adapter folder, a Hugging Face folder or a .gguf file."""
+    prefer_passive_threads()
     path = Path(path)
     if model_kind(path) == "gguf":
         log(f"Loading {path.name} with llama.cpp...")

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
-
-import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "comprehensive_training_basic.ipynb"
 
