@@ -383,3 +383,19 @@ def test_weekly_maintenance_script_trains_validates_and_deploys(trained, tiny_mo
     assert (p.deploy_dir / "manifest.json").is_file()
     logs = list((p.root / "logs").glob("weekly_maintenance-*.log"))
     assert len(logs) == 1 and "v2 deployed" in logs[0].read_text()
+
+
+def test_record_version_uses_only_the_metadata_of_this_model(trained):
+    p = trained
+    meta = json.loads(p.training_metadata.read_text())
+    # A moved project: the recorded folder differs but the split is this model's -> the metadata is used.
+    p.training_metadata.write_text(json.dumps(dict(meta, model_dir="/elsewhere/trained_models/dnd_model")))
+    v1 = versions.record_version(p, log=_quiet)
+    assert v1.info["steps"] == 2 and v1.files == 6
+    # Metadata of an unfinished incremental run (its staging folder) never describes the current model.
+    with open(p.model_dir / "adapter_model.safetensors", "ab") as f:
+        f.write(b"\0")
+    staging = str(p.output / ".incremental-staging" / "dnd_model")
+    p.training_metadata.write_text(json.dumps(dict(meta, model_dir=staging, steps=99)))
+    v2 = versions.record_version(p, log=_quiet)
+    assert v2.info["steps"] is None and v2.files == 6
