@@ -21,6 +21,7 @@ The Hugging Face backend is tuned for a 2-core CPU, where reading the prompt cos
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -147,15 +148,17 @@ def adapter_base(path: Path) -> Path:
     return base
 
 
-def _buffer_layer(keys, values, length: int):
-    """A cache layer over preallocated key/value buffers (`[batch, heads, capacity, dim]`, the first `length`
-    positions filled). Decoding writes each new position in place instead of concatenating the whole cache per token
-    (which is half the time of a CPU decoding step at ~700 tokens of context)."""
+@functools.lru_cache(maxsize=None)
+def _buffer_layer_class():
+    """A cache layer over preallocated key/value buffers (`[batch, heads, capacity, dim]`, the first `n` positions
+    filled). Decoding writes each new position in place instead of concatenating the whole cache per token (which is
+    half the time of a CPU decoding step at ~700 tokens of context). Defined once: a class made per call would keep
+    its buffers alive in a reference cycle until the garbage collector happens to run."""
     import torch
     from transformers.cache_utils import DynamicLayer
 
     class BufferLayer(DynamicLayer):
-        def __init__(self):
+        def __init__(self, keys, values, length: int):
             super().__init__()
             self.kbuf, self.vbuf, self.n = keys, values, length
             self.dtype, self.device = keys.dtype, keys.device
@@ -185,7 +188,11 @@ def _buffer_layer(keys, values, length: int):
         def crop(self, tokens_to_remove):
             raise NotImplementedError("buffered decoding caches are not croppable")
 
-    return BufferLayer()
+    return BufferLayer
+
+
+def _buffer_layer(keys, values, length: int):
+    return _buffer_layer_class()(keys, values, length)
 
 
 ATTENTION_NAME = "dndtrain_decode"
