@@ -83,7 +83,8 @@ class ValidationResult:
         lines = [
             f"Validated {self.model.name} on {self.n_examples} DM turns from {self.n_files} scenario files "
             f"in {self.wall_time_s / 60:.1f} min"
-            + (f" (base: {self.base_model.name})" if self.base_model and self.base else " (no base comparison)") + ".",
+            + (f" (base: {self.base_model.name}{', cached generations' if self.base.get('cached') else ''})"
+               if self.base_model and self.base else " (no base comparison)") + ".",
         ]
         for i, r in enumerate(rows):
             lines.append(f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}")
@@ -179,11 +180,9 @@ def example_seed(file: str, turn: int) -> int:
     return zlib.crc32(f"{file}:{turn}".encode())
 
 
-def score_generator(gen, examples: list[Example], cfg: ValidateConfig, registry, label: str, log=print) -> dict[str, Any]:
-    """Generate every example's DM turn with `gen` and score it. Returns aggregate, per-tool and per-example data."""
+def generate_outputs(gen, examples: list[Example], cfg: ValidateConfig, label: str) -> dict[str, Any]:
+    """Every example's generated DM turn, plus the reference NLL per (file, DM turn) where the backend can score."""
     from tqdm import tqdm
-
-    from dndtrain.game import GameState
 
     t0 = time.time()
     files = list(dict.fromkeys(e.file for e in examples))
@@ -192,31 +191,89 @@ def score_generator(gen, examples: list[Example], cfg: ValidateConfig, registry,
         outs, scored = gen.generate_and_score([e.messages for e in examples],
                                               [convs[f] for f in files] if gen.supports_nll else [],
                                               cfg.max_new_tokens, progress=bar.update)
-    nll: dict[tuple[str, int], tuple[float, int]] = {}
-    for f, per_turn in zip(files, scored):
-        for k, v in enumerate(per_turn or []):
-            nll[(f, k)] = v
+    return {
+        "outputs": [{"text": o.text, "stopped_at_eot": o.stopped_at_eot, "n_tokens": o.n_tokens} for o in outs],
+        "nll": {f: [list(v) for v in per_turn] for f, per_turn in zip(files, scored) if per_turn is not None},
+        "time_s": round(time.time() - t0, 1),
+    }
+
+
+def score_outputs(examples: list[Example], generated: dict[str, Any], registry) -> dict[str, Any]:
+    """Score generated turns (see `generate_outputs`): aggregate, per-tool and per-example data."""
+    from dndtrain.game import GameState
+
+    outs = generated["outputs"]
+    nll = {(f, k): v for f, per_turn in generated["nll"].items() for k, v in enumerate(per_turn)}
     scores, rows = [], []
     for e, out in zip(examples, outs):
         state = GameState.from_scenario(e.scenario, registry)
-        s = metrics.score_example(e.expected, out.text, registry, out.stopped_at_eot, state,
+        s = metrics.score_example(e.expected, out["text"], registry, out["stopped_at_eot"], state,
                                   random.Random(example_seed(e.file, e.turn)))
         scores.append(s)
         ref = nll.get((e.file, e.dm_turn))
         rows.append({
-            "text": out.text, "stopped_at_eot": out.stopped_at_eot, "n_tokens": out.n_tokens,
-            "ref_nll": round(ref[0], 4) if ref else None, "ref_tokens": ref[1] if ref else None,
+            **out, "ref_nll": round(ref[0], 4) if ref else None, "ref_tokens": ref[1] if ref else None,
             "metrics": s.to_dict(),
         })
     agg = metrics.aggregate(scores)
     used = [nll[(e.file, e.dm_turn)] for e in examples if (e.file, e.dm_turn) in nll]
     total_tokens = sum(n for _, n in used)
     agg["perplexity"] = math.exp(sum(v for v, _ in used) / total_tokens) if total_tokens else None
-    agg["mean_tokens"] = sum(o.n_tokens for o in outs) / len(outs) if outs else None
-    elapsed = time.time() - t0
-    agg["time_s"] = round(elapsed, 1)
-    log(f"{label}: {len(examples)} turns in {elapsed:.0f} s")
+    agg["mean_tokens"] = sum(o["n_tokens"] for o in outs) / len(outs) if outs else None
+    agg["time_s"] = generated.get("time_s")
     return {"aggregate": agg, "per_tool": metrics.per_tool(scores, registry.names()), "rows": rows}
+
+
+def score_generator(gen, examples: list[Example], cfg: ValidateConfig, registry, label: str, log=print) -> dict[str, Any]:
+    """Generate every example's DM turn with `gen` and score it."""
+    generated = generate_outputs(gen, examples, cfg, label)
+    log(f"{label}: {len(examples)} turns in {generated['time_s']:.0f} s")
+    return score_outputs(examples, generated, registry)
+
+
+# --- base model cache -------------------------------------------------------------------------------------------------
+# The untrained base model gives the same replies to the same prompts every time, so its generations are kept and
+# reused while the base model files, the prompts (held-out turns, system prompt, tools) and the settings are unchanged.
+
+BASE_CACHE_NAME = "validation_base_cache.json"
+BASE_CACHE_VERSION = 1
+
+
+def base_cache_path(paths: Paths) -> Path:
+    return paths.output / BASE_CACHE_NAME
+
+
+def base_cache_key(base: Path, examples: list[Example], cfg: ValidateConfig) -> str:
+    import hashlib
+
+    import torch
+    import transformers
+
+    files = []
+    for f in sorted(Path(base).iterdir()):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".jinja"):
+            st = f.stat()
+            files.append([f.name, st.st_size, st.st_mtime_ns])
+    payload = {
+        "version": BASE_CACHE_VERSION, "base": str(base), "files": files, "max_new_tokens": cfg.max_new_tokens,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "examples": [[e.file, e.turn, e.messages] for e in examples],
+        "conversations": {e.file: e.conversation for e in examples},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def load_base_cache(path: Path, key: str, n: int) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != key:
+        return None
+    generated = data.get("generated")
+    if not isinstance(generated, dict) or len(generated.get("outputs") or []) != n or not isinstance(generated.get("nll"), dict):
+        return None
+    return generated
 
 
 # --- output ----------------------------------------------------------------------------------------------------------
@@ -296,7 +353,8 @@ def render_report(data: dict[str, Any], res: ValidationResult, report: Path) -> 
     lines = [
         "# Validation report", "",
         f"- Model: `{data['model']}` ({data['model_kind']})",
-        f"- Base: `{data['base_model']}`" if data.get("base_model") and res.base else "- Base: not compared",
+        (f"- Base: `{data['base_model']}`" + (" (generations reused from the cache)" if res.base.get("cached") else ""))
+        if data.get("base_model") and res.base else "- Base: not compared",
         f"- Examples: {data['n_examples']} DM turns from {len(data['scenarios'])} scenario files "
         f"(greedy, max {data['max_new_tokens']} new tokens)",
         f"- Wall time: {data['wall_time_s'] / 60:.1f} min", f"- Created: {data['created']}", "",
@@ -422,17 +480,28 @@ def validate(cfg: ValidateConfig, paths: Paths, model: Path | None = None, scena
     if base_path is not None:
         from dndtrain.basemodel import BaseModelError
 
-        try:
-            gen = load_generator(base_path, log)
-        except (StageError, BaseModelError, OSError) as exc:  # the comparison is optional; keep the trained scores
-            log(f"warning: cannot load the base model for comparison ({exc}); scoring the trained model only")
-            base_path = None
+        key = base_cache_key(base_path, examples, cfg)
+        cached = load_base_cache(base_cache_path(paths), key, len(examples))
+        if cached is not None:
+            log(f"base: reusing the generations cached in {base_cache_path(paths).name} "
+                f"(same base model, turns and settings)")
+            base = score_outputs(examples, cached, registry)
+            base["aggregate"]["cached"] = True
         else:
             try:
-                base = score_generator(gen, examples, cfg, registry, "base", log)
-            finally:
-                gen.close()
-                del gen
+                gen = load_generator(base_path, log)
+            except (StageError, BaseModelError, OSError) as exc:  # the comparison is optional; keep trained scores
+                log(f"warning: cannot load the base model for comparison ({exc}); scoring the trained model only")
+                base_path = None
+            else:
+                try:
+                    generated = generate_outputs(gen, examples, cfg, "base")
+                finally:
+                    gen.close()
+                    del gen
+                log(f"base: {len(examples)} turns in {generated['time_s']:.0f} s")
+                write_json_atomic(base_cache_path(paths), {"key": key, "generated": generated})
+                base = score_outputs(examples, generated, registry)
 
     rows = []
     for k, e in enumerate(examples):

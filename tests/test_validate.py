@@ -103,6 +103,26 @@ def test_validate_is_deterministic_and_limit_caps_turns(trained_project):
     assert data["base"] is None and len(data["examples"]) == 3 and data["limit"] == 3
 
 
+def test_base_generations_are_cached_while_nothing_changes(trained_project):
+    from dndtrain.validate import base_cache_path
+
+    def run(**kw):
+        logs = []
+        res = validate(ValidateConfig(limit=3, **kw), trained_project, log=lambda *a: logs.append(" ".join(map(str, a))))
+        return res, "\n".join(logs)
+
+    base_cache_path(trained_project).unlink(missing_ok=True)
+    first, log1 = run(max_new_tokens=5)
+    assert "reusing" not in log1 and base_cache_path(trained_project).is_file()
+    second, log2 = run(max_new_tokens=5)
+    assert "reusing the generations cached" in log2 and second.base["cached"] is True
+    assert {k: second.base[k] for k in KEYS} == {k: first.base[k] for k in KEYS}
+    assert [e["base"]["text"] for e in second.examples] == [e["base"]["text"] for e in first.examples]
+    assert "cached generations" in second.summary()
+    third, log3 = run(max_new_tokens=4)  # other settings: generated afresh
+    assert "reusing" not in log3 and "cached" not in third.base
+
+
 def test_thresholds(trained_project):
     res = validate(ValidateConfig(max_new_tokens=4, limit=2, compare_base=False), trained_project, **QUIET)
     assert res.threshold_failures() == []
