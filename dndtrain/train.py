@@ -329,6 +329,7 @@ def train(
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
         remove_unused_columns=False,
+        gradient_checkpointing=False,  # TRL turns it on by default; 135M at seq 2048 fits easily, and it costs ~1/3 more compute
     )
     history: list[dict] = []
     trainer = make_trainer_class()(
