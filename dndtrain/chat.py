@@ -13,7 +13,8 @@ from dndtrain.scenario import Character, Scenario
 ROLE_MAP = {"user": "user", "dm": "assistant", "toolcall": "tool"}
 INSTRUCTIONS = (
     "You are the Dungeon Master of a D&D 5e game. Narrate in a few vivid sentences. When dice or the game state "
-    "matter, end your turn with tool calls; their results come back as a tool message. Talk and description need no tool."
+    "matter, begin your turn with the tool calls, then narrate; their results come back as a tool message. Talk and "
+    "description need no tool."
 )
 DEFAULT_SYSTEM = {"World": "Forgotten Realms", "Location": "a roadside inn"}
 
@@ -47,9 +48,25 @@ def default_tool_lines(registry=None) -> list[str]:
     return (registry or ToolRegistry.builtin()).prompt_lines()
 
 
+def dm_text(text: str) -> str:
+    """A DM turn as the model learns to write it: its tool calls first, then the narration.
+
+    The call-or-narrate decision is then the turn's first token, conditioned directly on the message it answers
+    (a player's action or a tool result) instead of on narration the model wrote itself.
+    """
+    from dndtrain.toolcalls import find_calls, strip_calls
+
+    calls = [c.raw for c in find_calls(text)]
+    if not calls:
+        return text.strip()
+    narration = strip_calls(text)
+    return " ".join(calls) + (" " + narration if narration else "")
+
+
 def scenario_messages(scenario: Scenario, tool_lines: list[str]) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": system_prompt(scenario.system, scenario.party, tool_lines)}]
-    messages += [{"role": ROLE_MAP[t.role], "content": t.text} for t in scenario.turns]
+    messages += [{"role": ROLE_MAP[t.role], "content": dm_text(t.text) if t.role == "dm" else t.text}
+                 for t in scenario.turns]
     return messages
 
 
@@ -98,7 +115,12 @@ def tokenize_messages(tokenizer, messages: list[dict[str, str]], eot: str,
     from dndtrain.toolcalls import CALL_RE
 
     text, spans = assistant_spans(tokenizer, messages, eot)
-    decisions = [(m.start(), m.end()) for s, e in spans for m in CALL_RE.finditer(text, s, e)]
+    calls = [m for s, e in spans for m in CALL_RE.finditer(text, s, e)]
+    # The decision points: the turn's first token (call or narrate), each call, the token after each call (another
+    # call, narration or end of turn) and the end-of-turn. Weighting both sides of every choice alike keeps the
+    # weighted loss from favouring "call" over "narrate".
+    decisions = [(m.start(), m.end()) for m in calls] + [(m.end(), m.end() + 1) for m in calls]
+    decisions += [(s, s + 1) for s, e in spans]
     decisions += [(e - len(eot), e) for s, e in spans if text.startswith(eot, e - len(eot))]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels, weights = [], []

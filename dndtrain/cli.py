@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
     version = record_version(paths, kind="full", data_dir=Path(args.data) if args.data else None, log=_log)
     print()
     print(res.summary())
-    print(f"Version: {version.name} (trained_models/versions/{version.name})")
+    print(f"Version: {version.name} ({paths.versions / version.name})")
     print("Next: npm run train:validate  (dndtrain validate)")
     return 0
 

@@ -203,9 +203,45 @@ class WeightedCollator:
         }
 
 
-def weighted_dm_loss(model, inputs: dict):
+DECISION_MARGIN = 1.0
+"""Logit margin the decision loss asks for between a call and the best alternative token."""
+
+
+def call_token_ids(tokenizer) -> tuple[list[int], int | None]:
+    """Token ids that open a tool call at a decision point (`[` at the start of a turn, ` [` after a call) and the
+    id that closes one (`]`). Empty / None when the tokenizer does not have them as single tokens."""
+    opens = []
+    for text in ("[", " ["):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == 1:
+            opens.append(ids[0])
+    close = tokenizer.encode("]", add_special_tokens=False)
+    return opens, (close[0] if len(close) == 1 else None)
+
+
+def decision_targets(target, open_ids: list[int], close_id: int | None):
+    """Per target position: 1 where a tool call starts, 0 where narration or the end of the turn starts instead, -1
+    elsewhere. Decision points are the first token of each DM turn and the token after each call's `]`."""
+    import torch
+
+    labelled = target != -100
+    prev = torch.full_like(target, -100)
+    prev[:, 1:] = target[:, :-1]
+    point = labelled & ((prev == -100) | (prev == close_id if close_id is not None else False))
+    is_call = torch.zeros_like(labelled)
+    for i in open_ids:
+        is_call |= target == i
+    return torch.where(point, is_call.long(), torch.full_like(target, -1))
+
+
+def weighted_dm_loss(model, inputs: dict, decision: tuple[list[int], int | None, float] | None = None):
     """Cross-entropy on DM tokens only, weighted per token, projecting through the LM head only the positions that
-    have a label (about a third of the tokens): `logits_to_keep` takes the union of those positions in the batch."""
+    have a label (about a third of the tokens): `logits_to_keep` takes the union of those positions in the batch.
+
+    `decision` = (call-opening ids, call-closing id, weight) adds a margin loss at every decision point: the logit of
+    "a tool call starts here" against the best other token. Token cross-entropy spreads "narrate" over many possible
+    first words while "call" is one token, so under greedy decoding the call wins whenever the model is unsure (a
+    call at 30% beats every single first word); the margin term trains the decision greedy decoding actually makes."""
     import torch
     import torch.nn.functional as F
 
@@ -219,17 +255,45 @@ def weighted_dm_loss(model, inputs: dict):
     tgt = target[:, keep]
     w = weights[:, 1:][:, keep] * (tgt != -100)
     ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="none")
-    return (ce * w.flatten()).sum() / w.sum().clamp(min=1e-6), out
+    loss = (ce * w.flatten()).sum() / w.sum().clamp(min=1e-6)
+    if decision and decision[0] and decision[2] > 0:
+        open_ids, close_id, weight = decision
+        y = decision_targets(target, open_ids, close_id)[:, keep]
+        at = y >= 0
+        if at.any():
+            z = logits[at]
+            call = z[:, open_ids].max(dim=-1).values
+            other = z.index_fill(1, torch.tensor(open_ids, device=z.device), float("-inf")).max(dim=-1).values
+            # Greedy decoding picks the single most likely token: a call must beat the best other token by a margin
+            # where the reference calls, and lose to it by a margin where it does not.
+            gap = torch.where(y[at] == 1, other - call, call - other)
+            margins = [F.softplus(gap + DECISION_MARGIN)]
+            # The token after a call's `[` names the tool: the reference name must beat every other token too.
+            prev = torch.full_like(target, -100)
+            prev[:, 1:] = target[:, :-1]
+            named = (target != -100) & torch.isin(prev, torch.tensor(open_ids, device=target.device))
+            named = named[:, keep]
+            if named.any():
+                zn = logits[named]
+                ref = tgt[named]
+                ref_logit = zn.gather(1, ref.unsqueeze(1)).squeeze(1)
+                best_other = zn.scatter(1, ref.unsqueeze(1), float("-inf")).max(dim=-1).values
+                margins.append(F.softplus(best_other - ref_logit + DECISION_MARGIN))
+            loss = loss + weight * torch.cat(margins).mean()
+    return loss, out
 
 
 def make_trainer_class():
     from trl import SFTTrainer
 
     class DMTrainer(SFTTrainer):
-        """TRL's SFTTrainer with the decision-weighted DM loss (see `chat.DECISION_WEIGHT`)."""
+        """TRL's SFTTrainer with the decision-weighted DM loss (see `chat.DECISION_WEIGHT`) and the margin
+        call/no-call decision loss (`TrainConfig.decision_loss_weight`)."""
+
+        decision: tuple[list[int], int | None, float] | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, out = weighted_dm_loss(model, inputs)
+            loss, out = weighted_dm_loss(model, inputs, self.decision)
             return (loss, out) if return_outputs else loss
 
     return DMTrainer
@@ -336,6 +400,7 @@ def train(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
         data_collator=WeightedCollator(tokenizer.pad_token_id), callbacks=make_callbacks(history, on_log),
     )
+    trainer.decision = (*call_token_ids(tokenizer), cfg.decision_loss_weight)
     checkpoint = None
     if resume:
         ckpts = sorted(paths.checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))

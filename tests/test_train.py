@@ -1,7 +1,7 @@
 import json
 
 from dndtrain.basemodel import end_of_turn_token, load_tokenizer
-from dndtrain.chat import build_example, default_tool_lines, scenario_messages, system_prompt
+from dndtrain.chat import build_example, default_tool_lines, dm_text, scenario_messages, system_prompt
 from dndtrain.scenario import parse_file
 from dndtrain.train import split_scenarios, train
 from dndtrain.scenario import load_scenarios
@@ -14,7 +14,7 @@ def test_loss_mask_covers_exactly_the_dm_turns(scenes_dir, tiny_model_dir):
     s = parse_file(scenes_dir / "roleplay/tavern_rumors.md", scenes_dir)
     ex = build_example(tok, scenario_messages(s, default_tool_lines()), eot, 2048)
     trained = tok.decode([i for i, l in zip(ex.input_ids, ex.labels) if l != -100])
-    dm = [t.text for t in s.turns if t.role == "dm"]
+    dm = [dm_text(t.text) for t in s.turns if t.role == "dm"]
     assert trained == "".join(d + eot for d in dm)
     # Nothing from the system prompt, the user or the tool result is trained on.
     assert "Yawning Portal" not in trained and "Brom asks" not in trained and "removed potion" not in trained
@@ -74,5 +74,56 @@ def test_decision_tokens_weigh_more(scenes_dir, tiny_model_dir):
     s = parse_file(scenes_dir / "roleplay/tavern_rumors.md", scenes_dir)
     ex = build_example(tok, scenario_messages(s, default_tool_lines()), "<|im_end|>", 2048)
     heavy = tok.decode([i for i, w in zip(ex.input_ids, ex.weights) if w == DECISION_WEIGHT])
-    assert heavy == "<|im_end|> [inventory: Brom, remove, potion of healing]<|im_end|><|im_end|>"
+    # Each turn's first token (the call-or-narrate choice), the call, the token after it, and every end-of-turn.
+    assert heavy == 'The<|im_end|>[inventory: Brom, remove, potion of healing] She<|im_end|>"<|im_end|>'
     assert all((w == 0) == (l == -100) for w, l in zip(ex.weights, ex.labels))
+
+
+def test_decision_points_and_margin_loss(tiny_model_dir):
+    """The decision loss sits at each DM turn's first token and after each call, and is ~0 only for a model whose
+    greedy choice (call or not) matches the reference at every one of them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dndtrain.chat import dm_text, tokenize_messages
+    from dndtrain.train import call_token_ids, decision_targets, weighted_dm_loss
+
+    tok = load_tokenizer(tiny_model_dir)
+    msgs = [
+        {"role": "system", "content": "You are the DM."},
+        {"role": "user", "content": "I attack the goblin."},
+        {"role": "assistant", "content": dm_text("You swing hard. [roll: d20+5] [roll: 1d8+3]")},
+        {"role": "tool", "content": "d20+5: 1d20 (3) + 5 = *8*"},
+        {"role": "assistant", "content": "You miss."},
+    ]
+    ex = tokenize_messages(tok, msgs, "<|im_end|>")
+    opens, close = call_token_ids(tok)
+    labels = torch.tensor([ex.labels])
+    y = decision_targets(labels[:, 1:], opens, close)[0]
+    points = [(tok.decode([t]), int(v)) for t, v in zip(labels[0, 1:].tolist(), y.tolist()) if v >= 0]
+    assert points == [("[", 1), (" [", 1), (" You", 0), ("You", 0)]
+
+    inputs = {"input_ids": torch.tensor([ex.input_ids]), "attention_mask": torch.ones(1, len(ex.input_ids)),
+              "labels": labels, "loss_weights": torch.tensor([ex.weights])}
+
+    target = labels[0, 1:]
+
+    def fake_model(follow_reference: bool):
+        """Logits of 20 on the reference token everywhere, or on the call tokens everywhere."""
+        def model(input_ids, attention_mask, logits_to_keep, use_cache):
+            z = torch.zeros(1, len(logits_to_keep), len(tok))
+            for j, t in enumerate(logits_to_keep.tolist()):
+                if follow_reference and target[t] != -100:
+                    z[0, j, target[t]] = 20.0
+                elif not follow_reference:
+                    z[0, j, opens] = 20.0
+            return SimpleNamespace(logits=z)
+        return model
+
+    def decision_part(follow_reference: bool):
+        model = fake_model(follow_reference)
+        return float(weighted_dm_loss(model, inputs, (opens, close, 1.0))[0] - weighted_dm_loss(model, inputs, None)[0])
+
+    assert decision_part(True) < 1e-3
+    assert decision_part(False) > 5.0
