@@ -54,8 +54,9 @@ class TrainConfig:
     """Dropout on the LoRA path."""
     decision_loss_weight: float = 1.0
     """Weight of the margin loss at each decision point of a DM turn (its first token and the token after each call:
-    call or not; the tool name after `[`): the reference choice must beat the best other token, which is what greedy
-    decoding picks. 0 trains with token cross-entropy alone (no-call accuracy 0.13 instead of 0.78 on the held-out split)."""
+    call or not; the tool name after `[`; the first token of the first argument): the reference choice must beat the
+    best other token, which is what greedy decoding picks. 0 trains with token cross-entropy alone (held-out no-call
+    accuracy 0.05 instead of 0.70)."""
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )

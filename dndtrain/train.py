@@ -257,7 +257,8 @@ def weighted_dm_loss(model, inputs: dict, decision: tuple[list[int], int | None,
     ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="none")
     loss = (ce * w.flatten()).sum() / w.sum().clamp(min=1e-6)
     if decision and decision[0] and decision[2] > 0:
-        open_ids, close_id, weight = decision
+        open_ids, close_id, weight, *rest = decision
+        colon_id = rest[0] if rest else None
         y = decision_targets(target, open_ids, close_id)[:, keep]
         at = y >= 0
         if at.any():
@@ -268,10 +269,18 @@ def weighted_dm_loss(model, inputs: dict, decision: tuple[list[int], int | None,
             # where the reference calls, and lose to it by a margin where it does not.
             gap = torch.where(y[at] == 1, other - call, call - other)
             margins = [F.softplus(gap + DECISION_MARGIN)]
-            # The token after a call's `[` names the tool: the reference name must beat every other token too.
+            # The token after a call's `[` names the tool: the reference name must beat every other token too ...
             prev = torch.full_like(target, -100)
             prev[:, 1:] = target[:, :-1]
-            named = (target != -100) & torch.isin(prev, torch.tensor(open_ids, device=target.device))
+            opens_t = torch.tensor(open_ids, device=target.device)
+            named = (target != -100) & torch.isin(prev, opens_t)
+            if colon_id is not None and close_id is not None:
+                # ... and so must the first token of the first argument (skill, ability, character, dice), the token
+                # after the call's first `:`.
+                depth = torch.cumsum(torch.isin(target, opens_t).long() - (target == close_id).long(), dim=1)
+                prev_depth = torch.zeros_like(depth)
+                prev_depth[:, 1:] = depth[:, :-1]
+                named |= (target != -100) & (prev == colon_id) & (prev_depth > 0)
             named = named[:, keep]
             if named.any():
                 zn = logits[named]
@@ -400,7 +409,8 @@ def train(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
         data_collator=WeightedCollator(tokenizer.pad_token_id), callbacks=make_callbacks(history, on_log),
     )
-    trainer.decision = (*call_token_ids(tokenizer), cfg.decision_loss_weight)
+    colon = tokenizer.encode(":", add_special_tokens=False)
+    trainer.decision = (*call_token_ids(tokenizer), cfg.decision_loss_weight, colon[0] if len(colon) == 1 else None)
     checkpoint = None
     if resume:
         ckpts = sorted(paths.checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))

@@ -80,8 +80,9 @@ def test_decision_tokens_weigh_more(scenes_dir, tiny_model_dir):
 
 
 def test_decision_points_and_margin_loss(tiny_model_dir):
-    """The decision loss sits at each DM turn's first token and after each call, and is ~0 only for a model whose
-    greedy choice (call or not) matches the reference at every one of them."""
+    """The decision points are each DM turn's first token and the token after each call (call or not); the margin loss
+    (which also covers tool names and first arguments) is ~0 only for a model whose greedy choice matches the
+    reference at every one of them."""
     from types import SimpleNamespace
 
     import torch
@@ -123,7 +124,8 @@ def test_decision_points_and_margin_loss(tiny_model_dir):
 
     def decision_part(follow_reference: bool):
         model = fake_model(follow_reference)
-        return float(weighted_dm_loss(model, inputs, (opens, close, 1.0))[0] - weighted_dm_loss(model, inputs, None)[0])
+        decision = (opens, close, 1.0, tok.convert_tokens_to_ids(":"))
+        return float(weighted_dm_loss(model, inputs, decision)[0] - weighted_dm_loss(model, inputs, None)[0])
 
     assert decision_part(True) < 1e-3
     assert decision_part(False) > 5.0
