@@ -52,6 +52,9 @@ class TrainConfig:
     """LoRA scaling numerator (scale = alpha / r)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA path."""
+    lora_layers: int = 0
+    """Put LoRA only on the last N transformer layers (0 = all). Backpropagation then stops at the lowest adapted
+    layer: with 15 of SmolLM2's 30 layers a step is ~1.6x faster, so more steps fit in the same time."""
     decision_loss_weight: float = 1.0
     """Weight of the margin loss at each decision point of a DM turn (its first token and the token after each call:
     call or not; the tool name after `[`; the first token of the first argument): the reference choice must beat the

@@ -207,6 +207,14 @@ DECISION_MARGIN = 1.0
 """Logit margin the decision loss asks for between a call and the best alternative token."""
 
 
+def top_layers(model_config, n: int) -> list[int] | None:
+    """Indices of the last `n` transformer layers (None = all layers, when n is 0 or covers the whole model)."""
+    total = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", None)
+    if n <= 0 or not total or n >= total:
+        return None
+    return list(range(total - n, total))
+
+
 def call_token_ids(tokenizer) -> tuple[list[int], int | None]:
     """Token ids that open a tool call at a decision point (`[` at the start of a turn, ` [` after a call) and the
     id that closes one (`]`). Empty / None when the tokenizer does not have them as single tokens."""
@@ -372,6 +380,7 @@ def train(
     lora = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM",
         target_modules="all-linear" if targets in (["all-linear"], "all-linear") else list(targets),
+        layers_to_transform=top_layers(model.config, cfg.lora_layers),
     )
     peft_config = lora
     if init_adapter is not None:

@@ -129,3 +129,14 @@ def test_decision_points_and_margin_loss(tiny_model_dir):
 
     assert decision_part(True) < 1e-3
     assert decision_part(False) > 5.0
+
+
+def test_lora_layers_picks_the_top_layers():
+    from types import SimpleNamespace
+
+    from dndtrain.train import top_layers
+
+    assert top_layers(SimpleNamespace(num_hidden_layers=30), 15) == list(range(15, 30))
+    assert top_layers(SimpleNamespace(num_hidden_layers=30), 0) is None
+    assert top_layers(SimpleNamespace(num_hidden_layers=2), 5) is None  # more than the model has: all layers
+    assert top_layers(SimpleNamespace(n_layer=24), 6) == list(range(18, 24))  # GPT-2 style config
