@@ -81,9 +81,18 @@ def test_validate_adapter_writes_results_report_and_charts(trained_project, tiny
     assert sorted({e["file"] for e in data["examples"]}) == sorted(held)
     # expected calls come from the reference turn
     assert sum(len(e["expected_calls"]) for e in data["examples"]) == data["trained"]["n_expected_calls"]
+    # the by-context split partitions the turns: after a player's message vs after tool results
+    for side in ("trained", "base"):
+        ctx = data["by_context"][side]
+        assert set(ctx) <= {"after a player message", "after a tool result"}
+        assert sum(a["n_examples"] for a in ctx.values()) == data["n_examples"]
+        assert sum(a["n_expected_calls"] for a in ctx.values()) == data[side]["n_expected_calls"]
+    after_tool = sum(1 for e in data["examples"] if e["context"]["role"] == "tool")
+    assert data["by_context"]["trained"].get("after a tool result", {"n_examples": 0})["n_examples"] == after_tool
 
     report = p.validation_report.read_text()
     assert "| metric | base | trained |" in report and "tool-name F1 (micro)" in report
+    assert "## By context" in report and "| after a player message |" in report
     assert "](validation_charts/tool_f1.png)" in report and "](validation_charts/loss_curve.png)" in report
     assert (p.validation_charts / "tool_f1.png").stat().st_size > 1000
     assert (p.validation_charts / "loss_curve.png").stat().st_size > 1000
