@@ -35,7 +35,7 @@ def _config(args):
 
     cfg = load_config(args.config)
     t = cfg.train
-    for name in ("base_model", "max_steps"):
+    for name in ("base_model", "max_steps", "max_minutes"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(t, name, value)
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="scenario folder (default: <root>/data/scenarios)")
     p.add_argument("--base-model", metavar="default|PATH", help="base model: `default` or a local HF folder")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (overrides the config)")
+    p.add_argument("--max-minutes", type=float, metavar="M",
+                   help="fit the run into M minutes of training: fewer steps on a slower CPU (overrides the config)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(func=cmd_train)
 

@@ -37,6 +37,12 @@ class TrainConfig:
     """Optimizer steps (batch 2 each, ~1.3 epochs of the shipped corpus). Measured 8.2-8.9 minutes on a quiet 2-core
     CPU with bf16 and `lora_layers = 15` (target <= 10); see bench/pipeline_bench.py. Held-out tool F1 keeps rising
     with epochs (0.43 at 1 epoch, ~0.5 at 1.2-1.5, 0.57 at 2-3 epochs): raise it when time allows."""
+    max_minutes: float = 0.0
+    """Wall-clock budget for the optimizer steps, in minutes (0 = no budget: run exactly `max_steps`). Every 10
+    steps after warmup the run measures its pace and, if `max_steps` would not fit, lowers the step count and
+    re-fits the cosine learning-rate schedule to it, so the run still ends annealed. For CPUs slower than the one
+    `max_steps` was sized on (e.g. without AMX: ~4 s/step instead of ~2.4). The steps done are recorded in the
+    training metadata; results then depend on the machine's speed."""
     learning_rate: float = 2e-3
     """Peak learning rate (cosine decay after warmup). LoRA on a 135M model tolerates a high rate; with ~1 epoch of
     budget 2e-3 beat 1e-3 on every held-out score (tool F1 0.44 vs 0.43, executable calls 0.91 vs 0.75)."""

@@ -336,6 +336,66 @@ def make_trainer_class():
     return DMTrainer
 
 
+def cosine_lr_lambda(warmup: int, total: int):
+    """Linear warmup then cosine decay to 0 at `total` steps (the curve of transformers' "cosine" schedule)."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def fit_steps(done: int, elapsed_s: float, budget_s: float, max_steps: int) -> int:
+    """How many steps fit in `budget_s` at the pace so far (`done` steps in `elapsed_s`), at most `max_steps` and at
+    least the steps already done (+1)."""
+    if done <= 0 or elapsed_s <= 0:
+        return max_steps
+    return max(done + 1, min(max_steps, int(budget_s * done / elapsed_s)))
+
+
+def make_time_budget_callback(budget_minutes: float, warmup_steps: int, get_scheduler, log=print,
+                              clock=time.monotonic):
+    """A TrainerCallback that keeps the run within `budget_minutes`: every 10 steps after warmup it compares the pace
+    with the budget and, when `max_steps` will not fit, lowers `state.max_steps` and re-fits the cosine schedule
+    (`get_scheduler()` returns the trainer's learning-rate scheduler; callbacks are not handed it)."""
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        def __init__(self):
+            self.start = None
+            self.first_step = 0
+            self.planned = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.first_step, self.planned = clock(), state.global_step, state.max_steps
+
+        def on_step_end(self, args, state, control, **kwargs):
+            done = state.global_step - self.first_step
+            if budget_minutes <= 0 or done < max(5, warmup_steps) or done % 10:
+                return
+            total = self.first_step + fit_steps(done, clock() - self.start, budget_minutes * 60,
+                                                self.planned - self.first_step)
+            if total == state.max_steps:
+                return
+            if total < state.max_steps or state.max_steps < self.planned:
+                sched = get_scheduler()
+                sched = getattr(sched, "scheduler", sched)  # accelerate wraps the torch scheduler
+                if sched is not None and hasattr(sched, "lr_lambdas"):
+                    sched.lr_lambdas = [cosine_lr_lambda(warmup_steps, total) for _ in sched.lr_lambdas]
+                    # the scheduler already stepped for the next step: re-apply the new curve at once
+                    for lam, base, group in zip(sched.lr_lambdas, sched.base_lrs, sched.optimizer.param_groups):
+                        group["lr"] = base * lam(sched.last_epoch)
+                    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+                log(f"Time budget {budget_minutes:g} min: {total} of {self.planned} steps fit at "
+                    f"{(clock() - self.start) / done:.1f} s/step")
+                state.max_steps = total
+
+    return TimeBudget()
+
+
 def make_callbacks(history: list[dict], on_log=None):
     from transformers import TrainerCallback
 
@@ -439,6 +499,9 @@ def train(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
         data_collator=WeightedCollator(tokenizer.pad_token_id), callbacks=make_callbacks(history, on_log),
     )
+    if cfg.max_minutes > 0:
+        trainer.add_callback(make_time_budget_callback(cfg.max_minutes, cfg.warmup_steps, lambda: trainer.lr_scheduler,
+                                                       log))
     colon = tokenizer.encode(":", add_special_tokens=False)
     trainer.decision = (*call_token_ids(tokenizer), cfg.decision_loss_weight, colon[0] if len(colon) == 1 else None)
     checkpoint = None

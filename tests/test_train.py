@@ -156,3 +156,39 @@ def test_keep_freed_memory_tunes_glibc_and_keeps_working():
         x = torch.ones(64, 1024, 1024)
         assert float(x.sum()) == 64 * 1024 * 1024
         del x
+
+
+def test_time_budget_refits_steps_and_schedule():
+    import torch
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from dndtrain.train import cosine_lr_lambda, fit_steps, make_time_budget_callback
+
+    assert fit_steps(10, 20.0, 100.0, 215) == 50  # 2 s/step, 100 s -> 50 steps
+    assert fit_steps(10, 20.0, 1000.0, 215) == 215  # never more than planned
+    assert fit_steps(10, 20.0, 1.0, 215) == 11  # never fewer than done + 1
+    now = [0.0]
+    logs = []
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lr_lambda(2, 200))
+    cb = make_time_budget_callback(1.0, 2, lambda: sched, log=logs.append, clock=lambda: now[0])
+    state, control = TrainerState(max_steps=200), TrainerControl()
+    args = TrainingArguments(output_dir="unused", report_to=[])
+    cb.on_train_begin(args, state, control)
+    for step in range(1, 11):
+        now[0] = step * 3.0  # 3 s/step: 20 steps fit in 60 s
+        state.global_step = step
+        cb.on_step_end(args, state, control)
+    assert state.max_steps == 20 and logs and "20 of 200" in logs[0]
+    assert sched.lr_lambdas[0](20) == 0.0 and 0 < sched.lr_lambdas[0](11) < 1
+
+
+def test_time_budget_stops_a_real_run_early(project, tiny_train_config):
+    tiny_train_config.max_steps = 14
+    tiny_train_config.max_minutes = 1e-6
+    result = train(tiny_train_config, project, log=lambda *a: None)
+    assert result.steps == 11  # checked at step 10, one more step allowed, then stop
+    meta = json.loads(project.training_metadata.read_text())
+    assert meta["steps"] == 11 and meta["config"]["max_minutes"] == 1e-6
+    # the schedule was re-fitted to 11 steps: the learning rate has annealed to ~0 (not 10% of peak, as at 11/14)
+    assert meta["loss_history"][-1]["learning_rate"] < 0.05 * tiny_train_config.learning_rate
