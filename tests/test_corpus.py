@@ -82,3 +82,12 @@ def test_no_near_duplicate_dm_turns(corpus):
     texts = [(f"{Path(s.path).name}:{t.line}", t.text) for s in corpus for t in s.turns if t.role == "dm"]
     assert len(texts) > 1000
     assert near_duplicates(texts) == []
+
+
+def test_independent_evalset_checks_clean_and_is_not_trained_on():
+    evalset = ROOT / "data" / "evalset"
+    report = check_paths(evalset, ToolRegistry.builtin())
+    assert report.files_checked >= 16
+    assert [str(l) for l in report.lines if l.level == "error"] == []
+    trained = {p.name for p in SCENARIOS.rglob("*.md")}
+    assert not trained & {p.name for p in evalset.rglob("*.md")}
