@@ -1,6 +1,6 @@
 """Training throughput on the real default model: tokens/s for a few optimizer steps per precision mode.
 
-Usage:  .venv/bin/python bench/train_speed.py [--steps 8] [--modes bf16,fp32]
+Usage:  .venv/bin/python bench/train_speed.py [--steps 8] [--modes bf16,fp32] [--cache on,off]
 
 Uses the shipped scenarios and a throwaway output folder. Modes run one after another in the same process
 environment; the machines are noisy, so compare numbers from one run only.
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--modes", default="bf16,fp32")
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--cache", default="on", help="frozen-layer cache settings to compare, e.g. on,off")
     args = ap.parse_args(argv)
     from dndtrain.config import TrainConfig
     from dndtrain.paths import Paths
@@ -29,13 +30,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for mode in args.modes.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig(max_steps=args.steps, precision=mode, batch_size=args.batch_size, save_steps=10**6,
-                              logging_steps=1)
-            r = train(cfg, Paths.make(ROOT, output=tmp), log=lambda *a: None)
-            rows.append({"precision": mode, "steps": r.steps, "train_s": round(r.train_time_s, 1),
-                         "tokens_per_s": round(r.tokens_per_s, 1), "peak_rss_mb": round(r.peak_rss_mb)})
-            print(rows[-1], flush=True)
+        for cache in args.cache.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = TrainConfig(max_steps=args.steps, precision=mode, batch_size=args.batch_size, save_steps=10**6,
+                                  logging_steps=1, cache_frozen_layers=cache == "on")
+                r = train(cfg, Paths.make(ROOT, output=tmp), log=lambda *a: None)
+                rows.append({"precision": mode, "cache": cache, "steps": r.steps, "train_s": round(r.train_time_s, 1),
+                             "cache_s": round(r.cache_time_s, 1),
+                             "s_per_step": round((r.train_time_s - r.cache_time_s) / max(r.steps, 1), 2),
+                             "tokens_per_s": round(r.tokens_per_s, 1), "peak_rss_mb": round(r.peak_rss_mb)})
+                print(rows[-1], flush=True)
     print(json.dumps(rows, indent=2))
     return 0
 

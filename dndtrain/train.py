@@ -8,6 +8,7 @@ Output (atomic: written to a temp folder and renamed into place):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dndtrain import layercache
 from dndtrain.config import TrainConfig
 from dndtrain.paths import Paths
 from dndtrain.scenario import Scenario, find_scenario_files, load_scenarios
@@ -45,6 +47,8 @@ class TrainResult:
     metadata_path: Path
     loss_curve: Path | None
     loss_history: list[dict] = field(default_factory=list)
+    cache_time_s: float = 0.0
+    """Part of `train_time_s` spent filling the frozen-layer cache (0 when uncached)."""
 
     def summary(self) -> str:
         loss = f"{self.final_loss:.3f}" if self.final_loss is not None else "n/a"
@@ -205,6 +209,8 @@ class WeightedCollator:
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
+        self.states: list | None = None
+        """Cached frozen-layer states by the rows' `idx` (layercache.py): when set, batches carry `inputs_embeds`."""
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
@@ -214,13 +220,22 @@ class WeightedCollator:
         def pad(key, value, dtype):
             return torch.tensor([list(e[key]) + [value] * (n - len(e[key])) for e in examples], dtype=dtype)
 
-        return {
+        batch = {
             "input_ids": pad("input_ids", self.pad_token_id, torch.long),
             "labels": pad("labels", -100, torch.long),
             "loss_weights": pad("loss_weights", 0.0, torch.float32),
             "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (n - len(e["input_ids"]))
                                             for e in examples], dtype=torch.long),
         }
+        if self.states is not None:
+            embeds = torch.zeros(len(examples), n, self.states[0].shape[-1], dtype=torch.float32)
+            for i, e in enumerate(examples):
+                state = self.states[e["idx"]]
+                if state.shape[0] < len(e["input_ids"]):
+                    raise TrainError(f"frozen-layer cache row {e['idx']} is shorter than its example")
+                embeds[i, : len(e["input_ids"])] = state[: len(e["input_ids"])]
+            batch["inputs_embeds"] = embeds
+        return batch
 
 
 DECISION_MARGIN = 1.0
@@ -277,8 +292,9 @@ def weighted_dm_loss(model, inputs: dict, decision: tuple[list[int], int | None,
     weights = inputs["loss_weights"]
     target = labels[:, 1:]
     keep = (target != -100).any(dim=0).nonzero().flatten()  # positions t whose next token is trained
-    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep,
-                use_cache=False)
+    # With the frozen-layer cache the batch carries the states entering the first adapted layer (layercache.py).
+    feed = {"inputs_embeds": inputs["inputs_embeds"]} if "inputs_embeds" in inputs else {"input_ids": inputs["input_ids"]}
+    out = model(**feed, attention_mask=inputs["attention_mask"], logits_to_keep=keep, use_cache=False)
     logits = out.logits.float()  # [batch, len(keep), vocab]
     tgt = target[:, keep]
     w = weights[:, 1:][:, keep] * (tgt != -100)
@@ -495,13 +511,34 @@ def train(
         gradient_checkpointing=False,  # TRL turns it on by default; 135M at seq 2048 fits easily, and it costs ~1/3 more compute
     )
     history: list[dict] = []
+    dataset = dataset.add_column("idx", list(range(len(dataset))))
+    collator = WeightedCollator(tokenizer.pad_token_id)
     trainer = make_trainer_class()(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-        data_collator=WeightedCollator(tokenizer.pad_token_id), callbacks=make_callbacks(history, on_log),
+        data_collator=collator, callbacks=make_callbacks(history, on_log),
     )
+    t_train = time.time()
+    skip = contextlib.nullcontext()
+    cache_time = 0.0
+    depth = layercache.frozen_depth(trainer.model) if cfg.cache_frozen_layers else 0
+    if depth > 0:
+        device = trainer.model.device.type
+        autocast = lambda: torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+        cache = layercache.compute_states(trainer.model, dataset["input_ids"], depth, autocast)
+        if cache is None:
+            log("Frozen-layer cache skipped: the corpus is too big to keep in memory; training uncached")
+        elif not layercache.matches_full_model(trainer.model, cache, dataset["input_ids"], autocast):
+            log("Frozen-layer cache skipped: this architecture does not take the cached states as inputs_embeds "
+                "unchanged; training uncached")
+        else:
+            collator.states = cache.states
+            cache_time = cache.seconds
+            skip = layercache.skip_frozen_layers(trainer.model, depth)
+            log(f"Cached the output of the {depth} frozen layers ({cache.nbytes / 2**20:.0f} MiB) in "
+                f"{cache.seconds:.0f} s; each step now runs only the adapted layers")
     if cfg.max_minutes > 0:
-        trainer.add_callback(make_time_budget_callback(cfg.max_minutes, cfg.warmup_steps, lambda: trainer.lr_scheduler,
-                                                       log))
+        budget = max(cfg.max_minutes - cache_time / 60, 1e-9)  # the cache was built on the same clock
+        trainer.add_callback(make_time_budget_callback(budget, cfg.warmup_steps, lambda: trainer.lr_scheduler, log))
     colon = tokenizer.encode(":", add_special_tokens=False)
     trainer.decision = (*call_token_ids(tokenizer), cfg.decision_loss_weight, colon[0] if len(colon) == 1 else None)
     checkpoint = None
@@ -511,8 +548,8 @@ def train(
             raise TrainError(f"--resume: no checkpoint in {paths.checkpoints}; start a fresh run without --resume")
         checkpoint = str(ckpts[-1])
         log(f"Resuming from {checkpoint}")
-    t_train = time.time()
-    out = trainer.train(resume_from_checkpoint=checkpoint)
+    with skip:
+        out = trainer.train(resume_from_checkpoint=checkpoint)
     train_time = time.time() - t_train
     steps = int(out.global_step)
     n_tokens = sum(len(r) for r in dataset["input_ids"])
@@ -555,6 +592,7 @@ def train(
         "loss_history": history,
         "wall_time_s": round(time.time() - t0, 1),
         "train_time_s": round(train_time, 1),
+        "frozen_layer_cache_s": round(cache_time, 1),
         "tokens_per_s": round(tokens_per_s, 1),
         "train_tokens": n_tokens,
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -566,5 +604,5 @@ def train(
         model_dir=model_dir, steps=steps, final_loss=final_loss, wall_time_s=time.time() - t0,
         train_time_s=train_time, tokens_per_s=tokens_per_s, peak_rss_mb=peak_rss_mb(),
         train_files=len(train_set), holdout_files=len(holdout), metadata_path=paths.training_metadata,
-        loss_curve=png, loss_history=history,
+        loss_curve=png, loss_history=history, cache_time_s=cache_time,
     )

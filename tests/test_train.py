@@ -1,5 +1,8 @@
 import json
 
+import pytest
+import torch
+
 from dndtrain.basemodel import end_of_turn_token, load_tokenizer
 from dndtrain.chat import build_example, default_tool_lines, dm_text, scenario_messages, system_prompt
 from dndtrain.scenario import parse_file
@@ -192,3 +195,73 @@ def test_time_budget_stops_a_real_run_early(project, tiny_train_config):
     assert meta["steps"] == 11 and meta["config"]["max_minutes"] == 1e-6
     # the schedule was re-fitted to 11 steps: the learning rate has annealed to ~0 (not 10% of peak, as at 11/14)
     assert meta["loss_history"][-1]["learning_rate"] < 0.05 * tiny_train_config.learning_rate
+
+
+@pytest.fixture(scope="module")
+def tiny4_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny Llama with 4 layers, so LoRA on the top 2 leaves 2 frozen layers to cache."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny4")
+    cfg = LlamaConfig.from_pretrained(str(tiny_model_dir))
+    cfg.num_hidden_layers = 4
+    torch.manual_seed(1)
+    LlamaForCausalLM(cfg).save_pretrained(str(out), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(str(out))
+    return out
+
+
+def test_frozen_layer_cache_trains_the_same_adapter(project, tiny_train_config, tiny4_model_dir):
+    from safetensors.torch import load_file
+
+    cfg = tiny_train_config
+    cfg.base_model, cfg.lora_layers, cfg.max_steps, cfg.precision, cfg.save_steps = str(tiny4_model_dir), 2, 3, "fp32", 100
+    runs = {}
+    for cached in (True, False):
+        cfg.cache_frozen_layers = cached
+        logs = []
+        train(cfg, project, log=logs.append)
+        meta = json.loads(project.training_metadata.read_text())
+        runs[cached] = ([h["loss"] for h in meta["loss_history"]], load_file(project.model_dir / "adapter_model.safetensors"),
+                        logs)
+    assert any("Cached the output of the 2 frozen layers" in line for line in runs[True][2])
+    assert not any("Cached" in line for line in runs[False][2])
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    weights, ref = runs[True][1], runs[False][1]
+    assert weights.keys() == ref.keys() and all(".layers.2." in k or ".layers.3." in k for k in weights)
+    assert all(torch.allclose(weights[k], ref[k], atol=1e-5) for k in weights)
+    assert any(ref[k].abs().sum() > 0 for k in ref if "lora_B" in k)  # the steps did move the adapter
+
+
+def test_frozen_depth_is_the_lowest_trainable_layer(tiny4_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dndtrain import layercache
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny4_model_dir))
+    assert layercache.frozen_depth(model) == 0  # everything trainable
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1, 3]))
+    assert layercache.frozen_depth(peft) == 1
+    peft.base_model.model.model.embed_tokens.weight.requires_grad = True
+    assert layercache.frozen_depth(peft) == 0
+
+
+def test_cache_self_check_rejects_an_architecture_that_rescales_inputs(tiny4_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dndtrain import layercache
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny4_model_dir)),
+                           LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[2, 3]))
+    rows = [[1, 5, 9, 14, 3], [2, 7, 11]]
+    fp32 = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    cache = layercache.compute_states(model, rows, 2, fp32, progress=False)
+    assert [t.shape[0] for t in cache.states] == [5, 3] and cache.depth == 2
+    assert layercache.matches_full_model(model, cache, rows, fp32)
+    cache.states = [t * 8.0 for t in cache.states]  # what Gemma's embedding scaling would do to inputs_embeds
+    assert not layercache.matches_full_model(model, cache, rows, fp32)
+    assert isinstance(layercache.decoder_layers(model)[0], torch.nn.Module)
+    assert type(layercache.decoder_layers(model)[0]).__name__ != "PassThrough"  # real layers restored
