@@ -75,8 +75,7 @@ class TrainConfig:
     frozen, so the result is the same; see layercache.py). Filling the cache costs one forward pass of those layers
     per example; every epoch then saves more than that. Shipped corpus, `lora_layers = 15`, 2-core AMD EPYC: fill
     173 s, steps 6.5 -> 5.1 s, so ~2 minutes saved at the default ~1.1 epochs and ~4.5 more per extra epoch
-    (bench/train_speed.py --cache on,off). The cache holds ~2.3 KB per training token (~0.7 GB for the shipped corpus),
-    yet peak RAM was lower with it (7.5 vs 8.6 GB): steps keep the activations of fewer layers."""
+    (bench/train_speed.py --cache on,off). Memory: ~2.3 KB per training token (~0.7 GB for the shipped corpus)."""
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
