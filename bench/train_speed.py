@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         for cache in args.cache.split(","):
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = TrainConfig(max_steps=args.steps, precision=mode, batch_size=args.batch_size, save_steps=10**6,
-                                  logging_steps=1, cache_frozen_layers=cache == "on")
+                                  logging_steps=1, cache_frozen_layers=cache)
                 r = train(cfg, Paths.make(ROOT, output=tmp), log=lambda *a: None)
                 rows.append({"precision": mode, "cache": cache, "steps": r.steps, "train_s": round(r.train_time_s, 1),
                              "cache_s": round(r.cache_time_s, 1),

@@ -70,11 +70,12 @@ class TrainConfig:
     call or not; the tool name after `[`; the first token of the first argument): the reference choice must beat the
     best other token, which is what greedy decoding picks. 0 trains with token cross-entropy alone (held-out no-call
     accuracy 0.05 instead of 0.70)."""
-    cache_frozen_layers: bool = True
-    """Compute the layers below the lowest LoRA layer once per example and reuse their output at every step (they are
-    frozen, so the result is the same; see layercache.py). Filling the cache costs one forward pass of those layers
-    per example; every epoch then saves more than that. Shipped corpus, `lora_layers = 15`, 2-core AMD EPYC: fill
-    173 s, steps 6.5 -> 5.1 s, so ~2 minutes saved at the default ~1.1 epochs and ~4.5 more per extra epoch
+    cache_frozen_layers: str = "auto"
+    """`auto`, `on` or `off`. On: compute the layers below the lowest LoRA layer once per example and reuse their
+    output at every step (they are frozen, so the result is the same; see layercache.py). Filling the cache costs
+    about what one epoch spends in those layers, so it only saves time from the second epoch on; `auto` turns it on
+    when the run plans at least 1.5 epochs. Shipped corpus, `lora_layers = 15`, quiet 2-core AMD EPYC: fill 185 s,
+    steps 4.63 -> 3.72 s, so break-even at the default ~1.1 epochs and ~3 minutes saved per further epoch
     (bench/train_speed.py --cache on,off). Memory: ~2.3 KB per training token (~0.7 GB for the shipped corpus)."""
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

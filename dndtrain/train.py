@@ -132,6 +132,19 @@ def use_bf16(precision: str) -> bool:
     return bf16_supported()
 
 
+CACHE_MIN_EPOCHS = 1.5
+"""`cache_frozen_layers = "auto"` caches from this many planned epochs on: the fill costs about one epoch of the
+frozen layers' forward passes, so the cache pays only after that (bench/train_speed.py --cache on,off)."""
+
+
+def use_layer_cache(mode: str, planned_epochs: float) -> bool:
+    """Whether to build the frozen-layer cache for `cache_frozen_layers = mode` and a run of `planned_epochs`."""
+    mode = str(mode).lower()
+    if mode not in ("auto", "on", "off"):
+        raise TrainError(f"[train] cache_frozen_layers = {mode!r}: expected \"auto\", \"on\" or \"off\"")
+    return mode == "on" or (mode == "auto" and planned_epochs >= CACHE_MIN_EPOCHS)
+
+
 def keep_freed_memory() -> bool:
     """Stop glibc from handing big freed blocks back to the OS between training steps.
 
@@ -520,7 +533,10 @@ def train(
     t_train = time.time()
     skip = contextlib.nullcontext()
     cache_time = 0.0
-    depth = layercache.frozen_depth(trainer.model) if cfg.cache_frozen_layers else 0
+    planned_epochs = cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps / max(1, len(dataset))
+    depth = layercache.frozen_depth(trainer.model) if use_layer_cache(cfg.cache_frozen_layers, planned_epochs) else 0
+    if depth == 0 and cfg.cache_frozen_layers == "auto" and layercache.frozen_depth(trainer.model) > 0:
+        log(f"Frozen-layer cache off: {planned_epochs:.1f} planned epochs (it saves time from {CACHE_MIN_EPOCHS})")
     if depth > 0:
         device = trainer.model.device.type
         autocast = lambda: torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731

@@ -219,7 +219,7 @@ def test_frozen_layer_cache_trains_the_same_adapter(project, tiny_train_config, 
     cfg.base_model, cfg.lora_layers, cfg.max_steps, cfg.precision, cfg.save_steps = str(tiny4_model_dir), 2, 3, "fp32", 100
     runs = {}
     for cached in (True, False):
-        cfg.cache_frozen_layers = cached
+        cfg.cache_frozen_layers = "on" if cached else "off"
         logs = []
         train(cfg, project, log=logs.append)
         meta = json.loads(project.training_metadata.read_text())
@@ -232,6 +232,16 @@ def test_frozen_layer_cache_trains_the_same_adapter(project, tiny_train_config, 
     assert weights.keys() == ref.keys() and all(".layers.2." in k or ".layers.3." in k for k in weights)
     assert all(torch.allclose(weights[k], ref[k], atol=1e-5) for k in weights)
     assert any(ref[k].abs().sum() > 0 for k in ref if "lora_B" in k)  # the steps did move the adapter
+
+
+def test_layer_cache_auto_mode_caches_only_runs_long_enough_to_pay_for_it():
+    from dndtrain.train import CACHE_MIN_EPOCHS, TrainError, use_layer_cache
+
+    assert not use_layer_cache("auto", 1.1)  # the default run: the fill would cost what it saves
+    assert use_layer_cache("auto", CACHE_MIN_EPOCHS) and use_layer_cache("AUTO", 3.0)
+    assert use_layer_cache("on", 0.1) and not use_layer_cache("off", 5.0)
+    with pytest.raises(TrainError, match="cache_frozen_layers = 'yes'"):
+        use_layer_cache("yes", 2.0)
 
 
 def test_frozen_depth_is_the_lowest_trainable_layer(tiny4_model_dir):
