@@ -52,7 +52,8 @@ class TrainConfig:
     warmup_steps: int = 10
     """Linear warmup steps."""
     batch_size: int = 2
-    """Scenarios per optimizer step (`per_device_train_batch_size`)."""
+    """Scenarios per forward pass (`per_device_train_batch_size`); an optimizer step sees `batch_size *
+    gradient_accumulation_steps` of them."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     max_seq_length: int = 2048

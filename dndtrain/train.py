@@ -357,6 +357,10 @@ def make_trainer_class():
         call/no-call decision loss (`TrainConfig.decision_loss_weight`)."""
 
         decision: tuple[list[int], int | None, float] | None = None
+        loss_is_scaled_for_ga = False
+        """`weighted_dm_loss` is a per-micro-batch mean, so the Trainer must divide it by the accumulation steps
+        (otherwise, since Llama's forward takes loss kwargs, it assumes the loss was normalised by
+        `num_items_in_batch` and sums the micro-batches: N times the gradient and the logged loss)."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, out = weighted_dm_loss(model, inputs, self.decision)

@@ -275,3 +275,16 @@ def test_cache_self_check_rejects_an_architecture_that_rescales_inputs(tiny4_mod
     assert not layercache.matches_full_model(model, cache, rows, fp32)
     assert isinstance(layercache.decoder_layers(model)[0], torch.nn.Module)
     assert type(layercache.decoder_layers(model)[0]).__name__ != "PassThrough"  # real layers restored
+
+
+def test_gradient_accumulation_averages_micro_batches(project, tiny_train_config):
+    """Two micro-batches of 1 log (and step on) the mean of their losses, like one batch of 2, not their sum."""
+    cfg = tiny_train_config
+    cfg.max_steps, cfg.learning_rate, cfg.precision, cfg.save_steps = 1, 1e-9, "fp32", 100
+    first_loss = {}
+    for batch, accum in ((2, 1), (1, 2)):
+        cfg.batch_size, cfg.gradient_accumulation_steps = batch, accum
+        train(cfg, project, log=lambda *a: None)
+        first_loss[accum] = json.loads(project.training_metadata.read_text())["loss_history"][0]["loss"]
+    assert first_loss[1] > 1.0  # an untrained model: both see a loss well above 0
+    assert first_loss[2] == pytest.approx(first_loss[1], rel=0.25)
