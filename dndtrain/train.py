@@ -251,6 +251,42 @@ class WeightedCollator:
         return batch
 
 
+REPEAT_KV_ATTENTION = "sdpa_repeat_kv"
+"""Name under which `use_repeat_kv_attention` registers its attention function with transformers."""
+
+
+def _sdpa_repeat_kv(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, but with the key/value heads repeated instead of `enable_gqa=True`.
+
+    With no attention mask (a batch of one unpadded example) transformers asks torch for grouped-query attention, and
+    torch's CPU flash kernel then runs its backward pass about 2x slower than on repeated heads (SmolLM2 has 9 query
+    and 3 key/value heads; bench/train_speed.py --attention). Everything else is unchanged."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1 and attention_mask is None and query.shape[2] > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+        module = SimpleNamespace(num_key_value_groups=1, is_causal=getattr(module, "is_causal", True),
+                                 layer_idx=getattr(module, "layer_idx", None))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def use_repeat_kv_attention(model) -> bool:
+    """Switch a model that uses SDPA attention to `_sdpa_repeat_kv` (same results, faster training steps on CPU).
+    Returns whether it switched."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(REPEAT_KV_ATTENTION, _sdpa_repeat_kv)
+    AttentionMaskInterface.register(REPEAT_KV_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(REPEAT_KV_ATTENTION)
+    return model.config._attn_implementation == REPEAT_KV_ATTENTION
+
+
 DECISION_MARGIN = 1.0
 """Logit margin the decision loss asks for between a call and the best alternative token."""
 
@@ -490,6 +526,7 @@ def train(
     from trl import SFTConfig
 
     model = load_model(base_path)
+    use_repeat_kv_attention(model)
     targets = cfg.lora_target_modules
     lora = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM",

@@ -288,3 +288,28 @@ def test_gradient_accumulation_averages_micro_batches(project, tiny_train_config
         first_loss[accum] = json.loads(project.training_metadata.read_text())["loss_history"][0]["loss"]
     assert first_loss[1] > 1.0  # an untrained model: both see a loss well above 0
     assert first_loss[2] == pytest.approx(first_loss[1], rel=0.25)
+
+
+def test_repeat_kv_attention_matches_sdpa(tiny_model_dir):
+    """The training attention (key/value heads repeated) gives SDPA's outputs and gradients, with and without a mask."""
+    import torch
+
+    from dndtrain.basemodel import load_model
+    from dndtrain.train import REPEAT_KV_ATTENTION, use_repeat_kv_attention
+
+    ref, fast = load_model(tiny_model_dir), load_model(tiny_model_dir)
+    assert ref.config._attn_implementation == "sdpa" and ref.config.num_key_value_heads < ref.config.num_attention_heads
+    assert use_repeat_kv_attention(fast)
+    assert fast.config._attn_implementation == REPEAT_KV_ATTENTION and ref.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 1000, (2, 12))
+    for mask in (None, torch.tensor([[1] * 12, [1] * 9 + [0] * 3])):
+        ins = ids[:1] if mask is None else ids
+        outs = []
+        for model in (ref, fast):
+            model.zero_grad()
+            logits = model(input_ids=ins, attention_mask=mask).logits
+            logits.float().pow(2).mean().backward()
+            outs.append((logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+        torch.testing.assert_close(outs[0][0], outs[1][0])
+        torch.testing.assert_close(outs[0][1], outs[1][1])
+    assert not use_repeat_kv_attention(fast)  # already switched: a no-op
