@@ -425,11 +425,17 @@ def fit_steps(done: int, elapsed_s: float, budget_s: float, max_steps: int) -> i
     return max(done + 1, min(max_steps, int(budget_s * done / elapsed_s)))
 
 
+SLOW_RUN_MINUTES = 12.0
+"""Without a time budget, a run whose pace projects more than this many minutes says so once (with the fix)."""
+
+
 def make_time_budget_callback(budget_minutes: float, warmup_steps: int, get_scheduler, log=print,
-                              clock=time.monotonic):
+                              clock=time.monotonic, slow_hint: str = ""):
     """A TrainerCallback that keeps the run within `budget_minutes`: every 10 steps after warmup it compares the pace
     with the budget and, when `max_steps` will not fit, lowers `state.max_steps` and re-fits the cosine schedule
-    (`get_scheduler()` returns the trainer's learning-rate scheduler; callbacks are not handed it)."""
+    (`get_scheduler()` returns the trainer's learning-rate scheduler; callbacks are not handed it).
+    With no budget (`budget_minutes <= 0`) it only projects the run's length at the first check and, when that is over
+    SLOW_RUN_MINUTES, logs it once with `slow_hint` (why this machine is slow) and how to cap the run."""
     from transformers import TrainerCallback
 
     class TimeBudget(TrainerCallback):
@@ -437,13 +443,25 @@ def make_time_budget_callback(budget_minutes: float, warmup_steps: int, get_sche
             self.start = None
             self.first_step = 0
             self.planned = None
+            self.projected = False
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start, self.first_step, self.planned = clock(), state.global_step, state.max_steps
 
         def on_step_end(self, args, state, control, **kwargs):
             done = state.global_step - self.first_step
-            if budget_minutes <= 0 or done < max(5, warmup_steps) or done % 10:
+            if done < max(5, warmup_steps) or done % 10:
+                return
+            if budget_minutes <= 0:
+                if not self.projected:
+                    self.projected = True
+                    pace = (clock() - self.start) / done
+                    minutes = pace * (self.planned - self.first_step) / 60
+                    if minutes > SLOW_RUN_MINUTES:
+                        log(f"Pace {pace:.1f} s/step: the {self.planned - self.first_step} steps take ~{minutes:.0f} "
+                            f"min on this machine{slow_hint}. To cap a run: `--max-minutes 10` (or `[train] "
+                            f"max_minutes`) trains the steps that fit, with the schedule re-fitted, at some cost in "
+                            f"quality")
                 return
             total = self.first_step + fit_steps(done, clock() - self.start, budget_minutes * 60,
                                                 self.planned - self.first_step)
@@ -593,9 +611,10 @@ def train(
             skip = layercache.skip_frozen_layers(trainer.model, depth)
             log(f"Cached the output of the {depth} frozen layers ({cache.nbytes / 2**20:.0f} MiB) in "
                 f"{cache.seconds:.0f} s; each step now runs only the adapted layers")
-    if cfg.max_minutes > 0:
-        budget = max(cfg.max_minutes - cache_time / 60, 1e-9)  # the cache was built on the same clock
-        trainer.add_callback(make_time_budget_callback(budget, cfg.warmup_steps, lambda: trainer.lr_scheduler, log))
+    budget = max(cfg.max_minutes - cache_time / 60, 1e-9) if cfg.max_minutes > 0 else 0.0  # cache: same clock
+    slow_hint = "" if bf16 or torch.cuda.is_available() else " (fp32: this CPU has no bf16 support)"
+    trainer.add_callback(make_time_budget_callback(budget, cfg.warmup_steps, lambda: trainer.lr_scheduler, log,
+                                                   slow_hint=slow_hint))
     colon = tokenizer.encode(":", add_special_tokens=False)
     trainer.decision = (*call_token_ids(tokenizer), cfg.decision_loss_weight, colon[0] if len(colon) == 1 else None)
     checkpoint = None

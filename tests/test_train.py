@@ -186,6 +186,29 @@ def test_time_budget_refits_steps_and_schedule():
     assert sched.lr_lambdas[0](20) == 0.0 and 0 < sched.lr_lambdas[0](11) < 1
 
 
+def test_no_budget_only_reports_a_slow_pace():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from dndtrain.train import make_time_budget_callback
+
+    args = TrainingArguments(output_dir="unused", report_to=[])
+    for pace, expect_notice in ((6.0, True), (1.0, False)):  # 430 steps: 43 min / 7 min
+        now, logs = [0.0], []
+        cb = make_time_budget_callback(0.0, 20, lambda: None, log=logs.append, clock=lambda: now[0],
+                                       slow_hint=" (fp32)")
+        state, control = TrainerState(max_steps=430), TrainerControl()
+        cb.on_train_begin(args, state, control)
+        for step in range(1, 61):
+            now[0] = step * pace
+            state.global_step = step
+            cb.on_step_end(args, state, control)
+        assert state.max_steps == 430  # no budget: the run is never shortened
+        if expect_notice:
+            assert len(logs) == 1 and "~43 min" in logs[0] and "(fp32)" in logs[0] and "--max-minutes" in logs[0]
+        else:
+            assert logs == []
+
+
 def test_time_budget_stops_a_real_run_early(project, tiny_train_config):
     tiny_train_config.max_steps = 14
     tiny_train_config.max_minutes = 1e-6
