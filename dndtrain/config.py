@@ -37,7 +37,7 @@ class TrainConfig:
     """Optimizer steps (batch 1 each, ~1.1 epochs of the shipped corpus). Shipped corpus, 343 held-out DM turns,
     seeds 42 / 43, LoRA rank 32: tool F1 0.57 / 0.59, no-call 0.85 / 0.86, format 1.00 (rank 16: 0.58 / 0.60,
     0.84 / 0.88, 0.99). Measured 19.2-19.3 minutes at rank 16 (20.6-21.8 at rank 32, on a noisier day) on a 2-core AMD
-    EPYC without AMX (see `max_minutes`), ~12% more than the old 215 steps of batch 2 on the same machine (17.1); those
+    EPYC without AMX and 33.5 in fp32 on one without AVX-512 (see `max_minutes`), ~12% more than the old 215 steps of batch 2 on the same machine (17.1); those
     took 8.2-8.9 minutes on a quiet 2-core Intel CPU with AMX (target <= 10), so ~9-10 there (estimated, not measured);
     bench/pipeline_bench.py. 380 steps (time-matched to batch 2) kept no-call (0.84) but lost F1 (0.55). Held-out
     scores keep rising with epochs: raise it when time allows (batch 2, 386 steps = 2 epochs: tool F1 0.61-0.62,
