@@ -125,7 +125,10 @@ class ValidateConfig:
 @dataclass
 class ExportConfig:
     quant: str = "q4_k_m"
-    """GGUF quantization shipped to the app: q4_k_m, q8_0 or f16."""
+    """GGUF quantization shipped to the app: q4_k_m, q8_0 or f16. On SmolLM2 (rows of 576, not a multiple of 256)
+    q4_k_m falls back to q5_0/q8_0 for most tensors: 105 MB, 6.2 bits per weight. Default model, held-out split, in
+    llama.cpp: q4_k_m calls tools less (tool F1 0.59, recall 0.53, no-call 0.89, arguments 0.19); q8_0 (145 MB)
+    scores like f16 (271 MB) and the HF model (F1 0.61 / 0.62, no-call 0.80 / 0.82, arguments 0.23)."""
     lora_gguf: bool = False
     """Also write the LoRA adapter as a GGUF (`convert_lora_to_gguf.py`)."""
 
