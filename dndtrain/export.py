@@ -12,6 +12,10 @@ models) as EOS everywhere the converter looks (tokenizer_config.json first, then
 model was trained with, and `add_bos_token: false` (training tokenized the rendered template without an extra BOS;
 ChatML templates start with their own `<|im_start|>`, so an added BOS would be duplicated).
 
+For q4_k_m, the transformer blocks the LoRA adapter fine-tuned stay at q8_0 (`export.trained_blocks_q8`): the
+fine-tuned behaviour is a small change on top of the base weights and ~5-bit rounding erases part of it (see the
+setting's docstring for the numbers); the untouched base blocks quantize as usual.
+
 Note: k-quants need rows divisible by 256. SmolLM2-135M (hidden 576) and the tiny test model (hidden 64) are not, so
 llama.cpp falls back per tensor (Q4_K -> Q5_0, Q6_K -> Q8_0). That is expected; the tensor types are recorded.
 """
@@ -285,8 +289,39 @@ def convert_to_f16(merged: Path, outfile: Path, paths: Paths, log_path: Path) ->
         raise StageError(f"GGUF conversion wrote no file. Last lines of {log_path}:\n{_tail(log_path)}")
 
 
-def quantize(infile: Path, outfile: Path, quant: str, log_path: Path, threads: int = 0) -> None:
-    """Quantize with llama.cpp's llama_model_quantize; its log (incl. per-tensor fallbacks) goes to log_path."""
+def trained_blocks(src: _Source) -> list[int] | None:
+    """The transformer blocks a LoRA adapter changes (`layers_to_transform`), or None when it changes all of them,
+    or the source is not an adapter."""
+    if not src.adapter:
+        return None
+    layers = read_json_object(src.model_dir / "adapter_config.json").get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, list) or not layers or not all(isinstance(i, int) for i in layers):
+        return None
+    return sorted(set(layers))
+
+
+def _ranges(ids: list[int]) -> str:
+    """[15, 16, 17, 20] -> '15-17, 20'."""
+    out, start = [], None
+    for i, n in enumerate(ids):
+        start = n if start is None else start
+        if i + 1 == len(ids) or ids[i + 1] != n + 1:
+            out.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(out)
+
+
+def block_pattern(blocks: list[int]) -> str:
+    """A regular expression (llama.cpp tensor-type override) matching every tensor of the given GGUF blocks."""
+    return r"^blk\.(" + "|".join(str(i) for i in blocks) + r")\."
+
+
+def quantize(infile: Path, outfile: Path, quant: str, log_path: Path, threads: int = 0,
+             q8_blocks: list[int] | None = None) -> None:
+    """Quantize with llama.cpp's llama_model_quantize; its log (incl. per-tensor fallbacks) goes to log_path.
+    `q8_blocks`: transformer blocks whose tensors stay at q8_0 (llama.cpp's per-tensor type overrides)."""
     import ctypes
 
     import llama_cpp
@@ -295,6 +330,13 @@ def quantize(infile: Path, outfile: Path, quant: str, log_path: Path, threads: i
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPE_CONSTANTS[quant])
     params.nthread = threads or (os.cpu_count() or 1)
+    if q8_blocks:
+        # a pattern-terminated array; kept referenced until llama_model_quantize returns
+        overrides = (llama_cpp.llama_model_tensor_override * 2)()
+        overrides[0].pattern = block_pattern(q8_blocks).encode()
+        overrides[0].type = llama_cpp.GGML_TYPE_Q8_0
+        overrides[1].pattern = None
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as logf:
         @llama_cpp.llama_log_callback
@@ -409,11 +451,16 @@ def convert(cfg: ExportConfig, paths: Paths, model_dir: Path | None = None, log=
         # 3. quantize
         staged = {"f16": f16_tmp}
         t = time.time()
+        q8_blocks = None
         if quant != "f16":
             log(f"[3/4] quantize: {quant} (llama.cpp; tensors whose rows are not a multiple of 256 fall back "
                 f"to Q5_0/Q8_0)")
+            if quant == "q4_k_m" and cfg.trained_blocks_q8:
+                q8_blocks = trained_blocks(src)
+                if q8_blocks:
+                    log(f"      fine-tuned blocks {_ranges(q8_blocks)} stay at q8_0 (export.trained_blocks_q8)")
             q_tmp = stage / paths.gguf_file(quant).name
-            quantize(f16_tmp, q_tmp, quant, gguf_dir / QUANTIZE_LOG)
+            quantize(f16_tmp, q_tmp, quant, gguf_dir / QUANTIZE_LOG, q8_blocks=q8_blocks)
             staged[quant] = q_tmp
             log(f"      done in {time.time() - t:.1f} s ({q_tmp.stat().st_size / 1e6:.1f} MB)")
         else:
@@ -477,6 +524,7 @@ def convert(cfg: ExportConfig, paths: Paths, model_dir: Path | None = None, log=
             "base_model_path": str(src.base_path) if src.base_path else None,
             "merged_dir": str(paths.merged_dir),
             "quant": quant,
+            "q8_0_blocks": q8_blocks or [],
             "end_of_turn": eot,
             "end_of_turn_id": eot_id,
             "architecture": main.architecture,

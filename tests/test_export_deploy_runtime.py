@@ -34,7 +34,8 @@ def exported(tmp_path_factory, tiny_model_dir):
     paths = Paths.make(root)
     import torch
 
-    cfg = TrainConfig(base_model=str(tiny_model_dir), max_steps=2, logging_steps=1, save_steps=1,
+    # LoRA on the top block only, so the q4_k_m export keeps that block (and only it) at q8_0
+    cfg = TrainConfig(base_model=str(tiny_model_dir), max_steps=2, logging_steps=1, save_steps=1, lora_layers=1,
                       warmup_steps=0, learning_rate=1e-3, holdout_fraction=0.34, threads=1)
     torch_threads = torch.get_num_threads()
     try:
@@ -59,6 +60,12 @@ def _gguf_fields(path: Path) -> dict:
     out = {k: r.fields[k].contents() for k in keys if k in r.fields}
     out["n_tensors"] = len(r.tensors)
     return out
+
+
+def _tensor_types(path: Path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
 
 
 # --- convert --------------------------------------------------------------------------------------------------------
@@ -89,6 +96,13 @@ def test_convert_writes_inspected_ggufs(exported):
     assert info["files"]["f16"]["file_type"] == 1
     # hidden 64 is not a multiple of 256: k-quants fall back per tensor, recorded rather than failing
     assert "Q4_K" not in info["files"]["q4_k_m"]["tensor_types"]
+    # the fine-tuned block 1 stays at q8_0; the untouched block 0 gets q4_k_m's types
+    assert info["q8_0_blocks"] == [1]
+    assert any("fine-tuned blocks 1 stay at q8_0" in line for line in lines)
+    types = _tensor_types(paths.gguf_file("q4_k_m"))
+    block1 = {n: t for n, t in types.items() if n.startswith("blk.1.") and not n.endswith("norm.weight")}
+    assert len(block1) == 7 and set(block1.values()) == {"Q8_0"}, block1
+    assert types["blk.0.attn_q.weight"] != "Q8_0" and types["blk.0.ffn_up.weight"] != "Q8_0"
 
     # the merged folder says <|im_end|> everywhere the converter looks
     merged = paths.merged_dir
@@ -282,3 +296,22 @@ def test_f16_gguf_matches_the_merged_model(exported):
     finally:
         llm.close()
     assert np.abs(cpp - hf).max() < 0.05 * max(1.0, np.abs(hf).max())
+
+
+def test_trained_blocks_reads_the_adapter_config(tmp_path):
+    from dndtrain.export import _Source, block_pattern, trained_blocks
+
+    def blocks(cfg):
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+        return trained_blocks(_Source(tmp_path, True, None, {}))
+
+    assert blocks({"layers_to_transform": [29, 15, 16]}) == [15, 16, 29]
+    assert blocks({"layers_to_transform": 3}) == [3]
+    assert blocks({"layers_to_transform": None}) is None  # every block: nothing to single out
+    assert blocks({}) is None and blocks({"layers_to_transform": ["x"]}) is None
+    assert trained_blocks(_Source(tmp_path, False, None, {})) is None  # a merged model carries no adapter config
+    import re
+
+    pat = re.compile(block_pattern([1, 15]))
+    assert pat.search("blk.15.attn_q.weight") and pat.search("blk.1.ffn_down.weight")
+    assert not pat.search("blk.150.attn_q.weight") and not pat.search("blk.11.attn_q.weight")
