@@ -170,6 +170,7 @@ def deployment_config(cfg: Config, paths: Paths, info: dict, quant: str, context
         "base_model": info.get("base_model") or (Path(base_path).name if base_path else None),
         "base_model_path": base_path,
         "export": {"created": info.get("created"), "source": info.get("source"),
+                   "q8_0_blocks": info.get("q8_0_blocks") or [],
                    "sizes_mb": {k: v.get("size_mb") for k, v in (info.get("files") or {}).items()}},
         "training": training,
         "validation": validation,

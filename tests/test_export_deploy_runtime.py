@@ -196,6 +196,7 @@ def test_deploy_contents_manifest_and_cactus_config(exported):
 
     dep = json.loads((d / "deployment_config.json").read_text())
     assert dep["quantization"] == "q4_k_m" and dep["training"]["steps"] == 2 and dep["training"]["data_hash"]
+    assert dep["export"]["q8_0_blocks"] == [1]  # the fine-tuned block kept at q8_0 (test_convert_writes_inspected_ggufs)
     ts = (d / "integration-example.ts").read_text()
     assert "initLlama" in ts and ".completion(" in ts and EOT in ts and "role: 'user'" in ts
     assert "dnd_model.gguf" in res.summary() and "MB" in res.summary()
