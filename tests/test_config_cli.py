@@ -83,3 +83,20 @@ def test_cli_help_and_unknown_base_model(tmp_path, capsys, scenes_dir):
     assert main(["train", "--root", str(tmp_path), "--base-model", "org/some-hub-model"]) == 1
     assert "never downloads" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_cli_convert_flags_reach_the_export_config(tmp_path, monkeypatch):
+    import dndtrain.export as export
+
+    seen = []
+
+    def fake_convert(cfg, paths, model_dir=None, log=print):
+        seen.append(cfg)
+        raise export.StageError("stop here")
+
+    monkeypatch.setattr(export, "convert", fake_convert)
+    (tmp_path / "data" / "scenarios").mkdir(parents=True)
+    assert main(["convert", "--root", str(tmp_path)]) == 1
+    assert main(["convert", "--root", str(tmp_path), "--quant", "q8_0", "--no-trained-blocks-q8"]) == 1
+    assert (seen[0].quant, seen[0].trained_blocks_q8) == ("q4_k_m", True)
+    assert (seen[1].quant, seen[1].trained_blocks_q8) == ("q8_0", False)
