@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from dndtrain import __version__
+from dndtrain.threads import set_openmp_waiting
 
 
 def _common(p: argparse.ArgumentParser, model: bool = False) -> None:
@@ -252,8 +253,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Waiting OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning made steps 3-10x slower.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_waiting()  # before torch is imported: brief spinning on a quiet machine, sleeping on a busy one
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

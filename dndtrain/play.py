@@ -163,9 +163,9 @@ def play(cfg: Config, paths: Paths, model: Path | None = None, scenario: Path | 
     `stream(messages, max_new_tokens)`) replaces loading a model, for tests and embedding."""
     out = out if out is not None else sys.stdout
     inp = inp if inp is not None else sys.stdin
-    from dndtrain.generate import prefer_passive_threads
+    from dndtrain.threads import set_openmp_waiting
 
-    prefer_passive_threads()
+    set_openmp_waiting()
     from dndtrain.chat import DEFAULT_SYSTEM, default_tool_lines, system_prompt
     from dndtrain.game import GameState
     from dndtrain.registry import ToolRegistry

@@ -291,6 +291,26 @@ DECISION_MARGIN = 1.0
 """Logit margin the decision loss asks for between a call and the best alternative token."""
 
 
+def frozen_linears_to_bf16(model) -> int:
+    """Store the frozen weights of the transformer blocks' linear layers in bf16; returns how many were converted.
+
+    Under bf16 autocast every matmul casts its fp32 weight to bf16 anyway, on every forward pass; for trainable
+    weights autocast caches the cast, for frozen ones it does not. Converting them once gives bit-identical losses
+    and ~8% faster steps (bench/train_speed.py; 1.16 vs 1.26 s/step on a 2-core Xeon with AMX). Embeddings (tied to
+    the LM head) and norms keep fp32, so the residual stream stays fp32 as before. Only for bf16 autocast runs: a
+    bf16 weight outside autocast would meet fp32 inputs."""
+    import torch
+
+    n = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, torch.nn.Linear) and ".layers." in name and "lora_" not in name
+                and weight is not None and not weight.requires_grad and weight.dtype == torch.float32):
+            module.weight.data = weight.data.to(torch.bfloat16)
+            n += 1
+    return n
+
+
 def top_layers(model_config, n: int) -> list[int] | None:
     """Indices of the last `n` transformer layers (None = all layers, when n is 0 or covers the whole model)."""
     total = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", None)
@@ -589,6 +609,8 @@ def train(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
         data_collator=collator, callbacks=make_callbacks(history, on_log),
     )
+    if bf16:
+        frozen_linears_to_bf16(trainer.model)
     t_train = time.time()
     skip = contextlib.nullcontext()
     cache_time = 0.0

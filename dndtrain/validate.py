@@ -454,12 +454,14 @@ def validate(cfg: ValidateConfig, paths: Paths, model: Path | None = None, scena
              log=print) -> ValidationResult:
     t0 = time.time()
     from dndtrain.chat import default_tool_lines
-    from dndtrain.generate import load_generator, model_kind, prefer_passive_threads, recorded_base
+    from dndtrain.generate import load_generator, model_kind, recorded_base
     from dndtrain.registry import ToolRegistry
     from dndtrain.scenario import find_scenario_files
     from dndtrain.train import write_json_atomic
 
-    prefer_passive_threads()  # before torch is first imported
+    from dndtrain.threads import set_openmp_waiting
+
+    set_openmp_waiting()  # before torch is first imported
     if cfg.max_new_tokens < 1:
         raise StageError(f"validate.max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     if cfg.limit < 0:
