@@ -132,11 +132,9 @@ def use_bf16(precision: str) -> bool:
     return bf16_supported()
 
 
-CACHE_MIN_EPOCHS = 0.8
-"""`cache_frozen_layers = "auto"` caches from this many planned epochs on. The fill runs the frozen layers' forward
-pass once per example, without autograd, so it costs less than an epoch of those layers inside training steps:
-2-core Xeon with AMX, bf16, shipped corpus: fill 64 s, steps 1.48 -> 1.18 s, so it pays from ~0.55 epochs and the
-default ~1.1-epoch run saves ~1 minute (bench/train_speed.py --cache on,off)."""
+CACHE_MIN_EPOCHS = 1.5
+"""`cache_frozen_layers = "auto"` caches from this many planned epochs on: the fill costs about one epoch of the
+frozen layers' forward passes, so the cache pays only after that (bench/train_speed.py --cache on,off)."""
 
 
 def use_layer_cache(mode: str, planned_epochs: float) -> bool:
