@@ -96,8 +96,8 @@ def cmd_convert(args) -> int:
         cfg.export.quant = args.quant
     if args.lora_gguf:
         cfg.export.lora_gguf = True
-    if args.no_trained_blocks_q8:
-        cfg.export.trained_blocks_q8 = False
+    if args.trained_blocks_q8 is not None:
+        cfg.export.trained_blocks_q8 = args.trained_blocks_q8
     res = convert(cfg.export, _paths(args), model_dir=Path(args.model) if args.model else None, log=_log)
     print()
     print(res.summary())
@@ -199,9 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, model=True)
     p.add_argument("--quant", choices=["q4_k_m", "q8_0", "f16"], help="GGUF type shipped to the app")
     p.add_argument("--lora-gguf", action="store_true", help="also export the adapter as a GGUF")
-    p.add_argument("--no-trained-blocks-q8", action="store_true",
-                   help="q4_k_m in the fine-tuned blocks too: 105 instead of 125 MB, but the model calls tools less "
-                        "(see [export] trained_blocks_q8)")
+    blocks = p.add_mutually_exclusive_group()
+    blocks.add_argument("--trained-blocks-q8", dest="trained_blocks_q8", action="store_true", default=None,
+                        help="keep the fine-tuned blocks at q8_0: 125 instead of 105 MB, closer to the trained model "
+                             "(see [export] trained_blocks_q8)")
+    blocks.add_argument("--no-trained-blocks-q8", dest="trained_blocks_q8", action="store_false",
+                        help="plain q4_k_m (the default unless a config file turns trained_blocks_q8 on)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("deploy", help="copy the exported model and configs into the app's assets folder")

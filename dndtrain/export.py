@@ -12,9 +12,10 @@ models) as EOS everywhere the converter looks (tokenizer_config.json first, then
 model was trained with, and `add_bos_token: false` (training tokenized the rendered template without an extra BOS;
 ChatML templates start with their own `<|im_start|>`, so an added BOS would be duplicated).
 
-For q4_k_m, the transformer blocks the LoRA adapter fine-tuned stay at q8_0 (`export.trained_blocks_q8`): the
-fine-tuned behaviour is a small change on top of the base weights and ~5-bit rounding erases part of it (see the
-setting's docstring for the numbers); the untouched base blocks quantize as usual.
+With `export.trained_blocks_q8` (off by default: the file must stay <= 110 MB), q4_k_m keeps the transformer blocks
+the LoRA adapter fine-tuned at q8_0: the fine-tuned behaviour is a small change on top of the base weights and ~5-bit
+rounding can erase part of it (see the setting's docstring for the numbers); the untouched base blocks quantize as
+usual.
 
 Note: k-quants need rows divisible by 256. SmolLM2-135M (hidden 576) and the tiny test model (hidden 64) are not, so
 llama.cpp falls back per tensor (Q4_K -> Q5_0, Q6_K -> Q8_0). That is expected; the tensor types are recorded.

@@ -695,6 +695,7 @@ def train(
         "train_tokens": n_tokens,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "torch_threads": torch.get_num_threads(),
+        "openmp_waiting": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ},
         **(extra_metadata or {}),
     }
     write_json_atomic(paths.training_metadata, metadata)

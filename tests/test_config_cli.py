@@ -97,6 +97,10 @@ def test_cli_convert_flags_reach_the_export_config(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "convert", fake_convert)
     (tmp_path / "data" / "scenarios").mkdir(parents=True)
     assert main(["convert", "--root", str(tmp_path)]) == 1
-    assert main(["convert", "--root", str(tmp_path), "--quant", "q8_0", "--no-trained-blocks-q8"]) == 1
-    assert (seen[0].quant, seen[0].trained_blocks_q8) == ("q4_k_m", True)
-    assert (seen[1].quant, seen[1].trained_blocks_q8) == ("q8_0", False)
+    assert main(["convert", "--root", str(tmp_path), "--quant", "q8_0", "--trained-blocks-q8"]) == 1
+    (tmp_path / "on.toml").write_text("[export]\ntrained_blocks_q8 = true\n")
+    assert main(["convert", "--root", str(tmp_path), "--config", str(tmp_path / "on.toml"),
+                 "--no-trained-blocks-q8"]) == 1
+    assert (seen[0].quant, seen[0].trained_blocks_q8) == ("q4_k_m", False)  # default: plain q4_k_m, <= 110 MB
+    assert (seen[1].quant, seen[1].trained_blocks_q8) == ("q8_0", True)
+    assert seen[2].trained_blocks_q8 is False  # the flag beats the config file

@@ -34,7 +34,7 @@ def exported(tmp_path_factory, tiny_model_dir):
     paths = Paths.make(root)
     import torch
 
-    # LoRA on the top block only, so the q4_k_m export keeps that block (and only it) at q8_0
+    # LoRA on the top block only, so the q4_k_m export with trained_blocks_q8 keeps that block (and only it) at q8_0
     cfg = TrainConfig(base_model=str(tiny_model_dir), max_steps=2, logging_steps=1, save_steps=1, lora_layers=1,
                       warmup_steps=0, learning_rate=1e-3, holdout_fraction=0.34, threads=1)
     torch_threads = torch.get_num_threads()
@@ -43,7 +43,7 @@ def exported(tmp_path_factory, tiny_model_dir):
     finally:
         torch.set_num_threads(torch_threads)
     lines: list[str] = []
-    result = convert(ExportConfig(quant="q4_k_m"), paths, log=lambda *a: lines.append(" ".join(map(str, a))))
+    result = convert(ExportConfig(quant="q4_k_m", trained_blocks_q8=True), paths, log=lambda *a: lines.append(" ".join(map(str, a))))
     return paths, result, lines
 
 
