@@ -336,3 +336,36 @@ def test_repeat_kv_attention_matches_sdpa(tiny_model_dir):
         torch.testing.assert_close(outs[0][0], outs[1][0])
         torch.testing.assert_close(outs[0][1], outs[1][1])
     assert not use_repeat_kv_attention(fast)  # already switched: a no-op
+
+
+def test_frozen_linears_to_bf16_keeps_autocast_results(tiny_model_dir):
+    """Frozen block weights stored in bf16 give the same autocast loss and LoRA gradients; LoRA weights, embeddings
+    and norms stay fp32."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from dndtrain.basemodel import load_model
+    from dndtrain.train import frozen_linears_to_bf16
+
+    ids = torch.randint(0, 1000, (1, 16))
+    results = []
+    for convert in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                                       init_lora_weights=False))
+        if convert:
+            assert frozen_linears_to_bf16(model) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+            layer = model.base_model.model.model.layers[0]
+            assert layer.self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+            assert layer.mlp.up_proj.weight.dtype == torch.bfloat16
+            assert layer.self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+            assert layer.input_layernorm.weight.dtype == torch.float32
+            assert model.base_model.model.model.embed_tokens.weight.dtype == torch.float32
+            assert frozen_linears_to_bf16(model) == 0  # nothing left to convert
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grad = model.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"].weight.grad
+        results.append((loss.detach(), grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
