@@ -36,9 +36,9 @@ class TrainConfig:
     max_steps: int = 370
     """Optimizer steps (batch 1 each, ~0.96 epochs of the shipped corpus), sized for the <= 10 minute target of
     `npm run train` on a quiet 2-core Intel Xeon with AMX (bf16): 430 steps took 10.5 min there, 390 took
-    10.3 (1.45-1.56 s/step; the machine is noisy), so 370 should take ~9.0-9.7 (estimated from those paces).
-    Held-out (343 DM turns, seed 42): 430 steps tool F1 0.61, no-call 0.82, format 1.00; 390 steps: see the
-    session-15 issue note. 2-core AMD EPYC: ~19 min for 430 steps at rank 16, 33.5 in fp32 on one without AVX-512
+    10.3 and 370 took 9.5 (bench/results/pipeline-20261207-*.json; 1.45-1.56 s/step, the machine is noisy).
+    Held-out (343 DM turns, seed 42): 430 / 390 / 370 steps tool F1 0.61 / 0.57 / 0.57, no-call 0.82 / 0.84 / 0.83,
+    format 1.00 / 1.00 / 0.99 (run-to-run noise ~0.03). 2-core AMD EPYC: ~19 min for 430 steps at rank 16, 33.5 in fp32 on one without AVX-512
     (see `max_minutes`). Held-out scores keep rising with epochs: raise it when time allows (430 steps, seeds 42 /
     43, fp32: tool F1 0.57-0.62, no-call 0.82-0.86; batch 2, 386 steps = 2 epochs: tool F1 0.61-0.62, no-call
     0.85)."""
