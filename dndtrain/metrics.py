@@ -299,6 +299,27 @@ def per_tool(scores: list[ExampleScore], tools: Iterable[str] = ()) -> dict[str,
     return out
 
 
+def _names_label(names: Counter) -> str:
+    return " + ".join(sorted(names.elements())) if names else "no call"
+
+
+def mistakes(items: Iterable[tuple[str, str, ExampleScore]], top: int = 8) -> list[dict[str, Any]]:
+    """The most frequent tool-name mistakes: `items` are (context, where, score) per turn; turns whose generated tool
+    names differ from the reference's (as multisets) are grouped by (context, reference names, generated names).
+    Each group: context, expected (e.g. "health" or "no call"), generated, turns, and up to 3 `where` examples."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for context, where, s in items:
+        if not (s.fp_by_tool or s.fn_by_tool):
+            continue
+        expected = Counter(s.tp_by_tool) + Counter(s.fn_by_tool)
+        generated = Counter(s.tp_by_tool) + Counter(s.fp_by_tool)
+        key = (context, _names_label(expected), _names_label(generated))
+        groups.setdefault(key, []).append(where)
+    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]
+    return [{"context": c, "expected": e, "generated": g, "turns": len(w), "examples": w[:3]}
+            for (c, e, g), w in ranked]
+
+
 def fmt(value: float | None, metric: str = "") -> str:
     """A metric value for tables: shares as 0.000, perplexity as 12.3, missing as n/a."""
     if value is None:

@@ -71,6 +71,8 @@ class ValidationResult:
     examples: list[dict] = field(default_factory=list)
     by_context: dict[str, Any] = field(default_factory=dict)
     """{"trained": {context: aggregate}, "base": ... or None}: the scores split by what the DM turn answers."""
+    mistakes: list[dict] = field(default_factory=list)
+    """The trained model's most frequent tool-name mistakes (`metrics.mistakes`): what to write more scenes about."""
 
     def table(self) -> list[tuple[str, str, str]]:
         rows = []
@@ -95,6 +97,9 @@ class ValidationResult:
         for ctx, agg in (self.by_context.get("trained") or {}).items():
             lines.append(f"  {ctx}: {agg['n_examples']} turns, tool-name F1 {metrics.fmt(agg['tool_f1'])}, "
                          f"no-call accuracy {metrics.fmt(agg['no_call_accuracy'])}")
+        for m in self.mistakes[:3]:
+            lines.append(f"  common mistake, {m['context']}: reference {m['expected']}, model {m['generated']} "
+                         f"({m['turns']} turns)")
         lines.append(f"Report: {self.report_path}")
         lines.append(f"Results: {self.results_path}")
         return "\n".join(lines)
@@ -239,8 +244,10 @@ def score_outputs(examples: list[Example], generated: dict[str, Any], registry) 
     agg["perplexity"] = math.exp(sum(v for v, _ in used) / total_tokens) if total_tokens else None
     agg["mean_tokens"] = sum(o["n_tokens"] for o in outs) / len(outs) if outs else None
     agg["time_s"] = generated.get("time_s")
+    wrong = metrics.mistakes((context_of(e), f"{e.file}:{e.scenario.turns[e.turn].line}", s)
+                             for e, s in zip(examples, scores))
     return {"aggregate": agg, "per_tool": metrics.per_tool(scores, registry.names()), "by_context": by_context,
-            "rows": rows}
+            "mistakes": wrong, "rows": rows}
 
 
 def score_generator(gen, examples: list[Example], cfg: ValidateConfig, registry, label: str, log=print) -> dict[str, Any]:
@@ -397,6 +404,14 @@ def render_report(data: dict[str, Any], res: ValidationResult, report: Path) -> 
             lines.append(f"| {ctx} | {agg['n_examples']} | {metrics.fmt(b.get('tool_f1')) if b else '-'} | "
                          f"{metrics.fmt(agg['tool_f1'])} | {metrics.fmt(b.get('no_call_accuracy')) if b else '-'} | "
                          f"{metrics.fmt(agg['no_call_accuracy'])} |")
+        lines.append("")
+    if data.get("mistakes"):
+        lines += ["## Most common mistakes", "",
+                  "Turns where the trained model's tool names differ from the reference's, grouped. Scenes that show the "
+                  "reference behaviour in these situations are what to add to the training data.", "",
+                  "| context | reference | trained model | turns | e.g. |", "|---|---|---|---:|---|"]
+        lines += [f"| {m['context']} | {m['expected']} | {m['generated']} | {m['turns']} | {'; '.join(m['examples'])} |"
+                  for m in data["mistakes"]]
         lines.append("")
     lines += ["## Per tool (tool-name F1, argument accuracy)", "",
               "| tool | expected | base F1 | trained F1 | trained precision | trained recall | trained arg acc |",
@@ -565,12 +580,13 @@ def validate(cfg: ValidateConfig, paths: Paths, model: Path | None = None, scena
         "trained": trained["aggregate"], "base": base["aggregate"] if base else None,
         "per_tool": {"trained": trained["per_tool"], "base": base["per_tool"] if base else None},
         "by_context": {"trained": trained["by_context"], "base": base["by_context"] if base else None},
+        "mistakes": trained["mistakes"],
         "examples": rows,
     }
     res = ValidationResult(
         model=model, base_model=base_path, n_examples=len(examples), n_files=n_files,
         trained=trained["aggregate"], base=base["aggregate"] if base else None, per_tool=data["per_tool"],
-        by_context=data["by_context"],
+        by_context=data["by_context"], mistakes=data["mistakes"],
         results_path=paths.validation_results, report_path=paths.validation_report, wall_time_s=wall, examples=rows,
     )
     res.charts = write_charts(paths, data["per_tool"])

@@ -130,3 +130,21 @@ def test_prf_edge_cases():
     assert metrics.prf(2, 2, 0) == (0.5, 1.0, pytest.approx(2 / 3))
     assert metrics.aggregate([])["tool_f1"] is None
     assert metrics.fmt(None) == "n/a" and metrics.fmt(12.345, "perplexity") == "12.35"
+
+
+def test_mistakes_groups_wrong_turns_by_context_reference_and_generation():
+    after_tool, after_player = "after a tool result", "after a player message"
+    items = [
+        (after_tool, "a.md:3", score("The ogre reels. [roll: d20+7]", expected="The ogre falls.")),
+        (after_tool, "b.md:9", score("[roll: 1d8+3] It staggers.", expected="It falls silent.")),
+        (after_player, "c.md:1", score("[check: persuasion, Elara] He smiles.", expected='"Evening," he says.')),
+        (after_tool, "d.md:5", score("[roll: d20+7] [health: Thordak, -4]")),  # right: not a mistake
+        (after_tool, "e.md:7", score("[roll: d20+7]")),  # missed the health call
+    ]
+    out = metrics.mistakes(items)
+    assert out[0] == {"context": after_tool, "expected": "no call", "generated": "roll", "turns": 2,
+                      "examples": ["a.md:3", "b.md:9"]}
+    rest = {(m["context"], m["expected"], m["generated"]): m["turns"] for m in out[1:]}
+    assert rest == {(after_player, "no call", "check"): 1, (after_tool, "health + roll", "roll"): 1}
+    assert metrics.mistakes(items, top=1) == out[:1]
+    assert metrics.mistakes(items[3:4]) == []

@@ -90,7 +90,16 @@ def test_validate_adapter_writes_results_report_and_charts(trained_project, tiny
     after_tool = sum(1 for e in data["examples"] if e["context"]["role"] == "tool")
     assert data["by_context"]["trained"].get("after a tool result", {"n_examples": 0})["n_examples"] == after_tool
 
+    # the mistakes table groups exactly the turns whose tool names differ from the reference, naming file:line
+    wrong = [e for e in data["examples"] if e["trained"]["metrics"]["fp_by_tool"] or e["trained"]["metrics"]["fn_by_tool"]]
+    assert wrong, "a 2-step tiny model should get some turns wrong"
+    assert sum(m["turns"] for m in data["mistakes"]) == len(wrong) or len(data["mistakes"]) == 8
+    first = data["mistakes"][0]
+    assert first["examples"][0].rsplit(":", 1)[0] in held and first["examples"][0].rsplit(":", 1)[1].isdigit()
+
     report = p.validation_report.read_text()
+    assert "## Most common mistakes" in report
+    assert f"| {first['context']} | {first['expected']} | {first['generated']} | {first['turns']} |" in report
     assert "| metric | base | trained |" in report and "tool-name F1 (micro)" in report
     assert "## By context" in report and "| after a player message |" in report
     assert "](validation_charts/tool_f1.png)" in report and "](validation_charts/loss_curve.png)" in report
@@ -100,6 +109,7 @@ def test_validate_adapter_writes_results_report_and_charts(trained_project, tiny
 
     summary = res.summary()
     assert "metric" in summary and "base" in summary and "trained" in summary and "tool-name F1" in summary
+    assert f"common mistake, {first['context']}: reference {first['expected']}" in summary
 
 
 def test_validate_is_deterministic_and_limit_caps_turns(trained_project):
