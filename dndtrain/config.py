@@ -72,6 +72,12 @@ class TrainConfig:
     accuracy (0.85 / 0.86 vs 0.84 / 0.88) within seed noise. Step time equal within noise; 64 is ~3-6% slower."""
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = alpha / r; the measured runs kept it at 1)."""
+    lora_plus_ratio: float = 1.0
+    """Learning rate of the LoRA B matrices relative to `learning_rate` (LoRA+, arxiv 2402.12354; 1 = plain LoRA).
+    Measured at the default 370 steps (fp32, 2-core AMD EPYC without AVX-512, seed 42, held-out 343 turns): ratio 8
+    with `learning_rate = 1e-3` ended at the same loss (3.072 vs 3.076; lower only in the first ~30 steps) and scored
+    tool F1 0.572 vs 0.583, no-call 0.848 vs 0.854, arguments 0.213 vs 0.178, perplexity 22.6 vs 23.4: within seed
+    noise on tool choice, so plain LoRA stays the default."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA path."""
     lora_layers: int = 15

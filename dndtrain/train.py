@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -405,6 +406,22 @@ def weighted_dm_loss(model, inputs: dict, decision: tuple[list[int], int | None,
     return loss, out
 
 
+def lora_plus_optimizer(opt, model, ratio: float):
+    """The same optimizer with every LoRA B matrix in its own group at `ratio` times the learning rate (LoRA+,
+    https://arxiv.org/abs/2402.12354: B learns faster than A). Called before any step, so there is no state to move."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for g in opt.param_groups:
+        for is_b in (False, True):
+            params = [p for p in g["params"] if ("lora_B" in names.get(id(p), "")) == is_b]
+            if params:
+                groups.append({**g, "params": params, "lr": g["lr"] * (ratio if is_b else 1.0)})
+    accepted = inspect.signature(type(opt)).parameters
+    new = type(opt)(groups, **{k: v for k, v in opt.defaults.items() if k in accepted})
+    new._lora_plus = True
+    return new
+
+
 def make_trainer_class():
     from trl import SFTTrainer
 
@@ -417,6 +434,16 @@ def make_trainer_class():
         """`weighted_dm_loss` is a per-micro-batch mean, so the Trainer must divide it by the accumulation steps
         (otherwise, since Llama's forward takes loss kwargs, it assumes the loss was normalised by
         `num_items_in_batch` and sums the micro-batches: N times the gradient and the logged loss)."""
+
+        lora_plus_ratio: float = 1.0
+        """Learning-rate multiplier of the LoRA B matrices (`TrainConfig.lora_plus_ratio`)."""
+
+        def create_optimizer(self, model=None):
+            opt = super().create_optimizer(model)
+            if self.lora_plus_ratio != 1.0 and not getattr(opt, "_lora_plus", False):
+                self.optimizer = opt = lora_plus_optimizer(opt, self.model if model is None else model,
+                                                           self.lora_plus_ratio)
+            return opt
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, out = weighted_dm_loss(model, inputs, self.decision)
@@ -638,6 +665,7 @@ def train(
     trainer.add_callback(make_time_budget_callback(budget, cfg.warmup_steps, lambda: trainer.lr_scheduler, log,
                                                    slow_hint=slow_hint))
     colon = tokenizer.encode(":", add_special_tokens=False)
+    trainer.lora_plus_ratio = cfg.lora_plus_ratio
     trainer.decision = (*call_token_ids(tokenizer), cfg.decision_loss_weight, colon[0] if len(colon) == 1 else None)
     checkpoint = None
     if resume:

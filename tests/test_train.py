@@ -369,3 +369,21 @@ def test_frozen_linears_to_bf16_keeps_autocast_results(tiny_model_dir):
         results.append((loss.detach(), grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_lora_plus_optimizer_puts_b_matrices_at_the_ratio(tiny_model_dir):
+    """Every trainable parameter lands in exactly one group; LoRA B matrices at ratio x the rate, the rest at the rate."""
+    from peft import LoraConfig, get_peft_model
+
+    from dndtrain.basemodel import load_model
+    from dndtrain.train import lora_plus_optimizer
+
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.99))
+    new = lora_plus_optimizer(opt, model, 8.0)
+    lr_of = {id(p): g["lr"] for g in new.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(len(g["params"]) for g in new.param_groups) == len(trainable) == len(lr_of)
+    for name, p in trainable.items():
+        assert lr_of[id(p)] == pytest.approx(8e-3 if "lora_B" in name else 1e-3), name
+    assert all(g["betas"] == (0.9, 0.99) for g in new.param_groups)
