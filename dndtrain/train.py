@@ -573,6 +573,9 @@ def train(
         train_set = scenarios
     if not train_set:
         raise TrainError(f"{data_dir}: no scenario files left for training after the hold-out split")
+    if not (isinstance(cfg.lora_plus_ratio, (int, float)) and 0 < cfg.lora_plus_ratio <= 1000):
+        raise TrainError(f"[train] lora_plus_ratio = {cfg.lora_plus_ratio!r}: expected a number > 0 and <= 1000 "
+                         "(1 = plain LoRA)")
     registry = ToolRegistry.load(paths.tool_registry)
     tool_lines = default_tool_lines(registry)
 

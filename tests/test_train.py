@@ -387,3 +387,14 @@ def test_lora_plus_optimizer_puts_b_matrices_at_the_ratio(tiny_model_dir):
     for name, p in trainable.items():
         assert lr_of[id(p)] == pytest.approx(8e-3 if "lora_B" in name else 1e-3), name
     assert all(g["betas"] == (0.9, 0.99) for g in new.param_groups)
+
+
+@pytest.mark.parametrize("ratio", [0.0, -2.0])
+def test_a_bad_lora_plus_ratio_is_a_clean_error(project, tiny_train_config, ratio):
+    import dataclasses
+
+    from dndtrain.train import TrainError
+
+    with pytest.raises(TrainError, match="lora_plus_ratio"):
+        train(dataclasses.replace(tiny_train_config, lora_plus_ratio=ratio), project, log=lambda *a: None)
+    assert not project.model_dir.exists()
