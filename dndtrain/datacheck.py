@@ -236,6 +236,32 @@ def _state_char(state: GameState, name: str) -> CharacterState | None:
 
 # --- checking files --------------------------------------------------------------------------------------------------
 
+MAX_ROLLS_MATCHED = 10
+"""Damage is matched against sums of at most this many earlier rolls of the exchange (2^10 subsets)."""
+
+
+def damage_was_rolled(amount: int, totals: list[int]) -> bool:
+    """Whether `amount` of damage can come from the exchange's earlier roll totals: one total or the sum of several
+    (two hits), or half of one (a save for half, resistance) or double (vulnerability)."""
+    recent = totals[-MAX_ROLLS_MATCHED:]
+    sums = {0}
+    for t in recent:
+        sums |= {s + t for s in sums}
+    sums.discard(0)
+    return any(amount in (s, s // 2, 2 * s) for s in sums)
+
+
+def _damage(call: ToolCall, party_names: set[str]) -> int | None:
+    """The damage a `health` call deals to a party member (a positive number), else None."""
+    if call.name != "health" or len(call.args) != 2 or call.args[0].strip().lower() not in party_names:
+        return None
+    try:
+        change = int(call.args[1].replace(" ", ""))
+    except ValueError:
+        return None
+    return -change if change < 0 else None
+
+
 def check_scenario(sc: Scenario, registry: ToolRegistry, file_lines: list[str] | None = None) -> list[CheckLine]:
     """Findings for one parsed scenario (tool calls, result lines, party)."""
     out: list[CheckLine] = []
@@ -255,20 +281,31 @@ def check_scenario(sc: Scenario, registry: ToolRegistry, file_lines: list[str] |
     by_turn: dict[int, list] = {}
     for lc in located:
         by_turn.setdefault(lc.turn_index, []).append(lc)
+    party_names = {c.name.lower() for c in sc.party}
+    rolled: list[int] = []  # totals of the `roll` results since the last USER turn
     for i, turn in enumerate(sc.turns):
-        if turn.role == "user" and find_calls(turn.text):
-            add(turn.line, "warning", "tool call in a USER turn; only the DM calls tools")
+        if turn.role == "user":
+            rolled = []
+            if find_calls(turn.text):
+                add(turn.line, "warning", "tool call in a USER turn; only the DM calls tools")
         if turn.role != "dm":
             continue
         for frag in find_malformed(turn.text, names):
             add(turn.line, "error", f"malformed tool call '{frag}' (write '[name: arg1, arg2]')")
         calls = by_turn.get(i, [])
         results = result_lines(sc.turns[i + 1], file_lines) if calls and i + 1 < len(sc.turns) else []
+        this_turn: list[int] = []
         for k, lc in enumerate(calls):
             findings = validate_call(lc.call, registry, sc.party)
             for f in findings:
                 add(lc.line, f.level, f"{lc.call.raw}: {f.message}")
-            if errors(findings) or k >= len(results):
+            if errors(findings):
+                continue
+            damage = _damage(lc.call, party_names)
+            if damage is not None and not damage_was_rolled(damage, rolled):
+                add(lc.line, "warning", f"{lc.call.raw}: no roll since the player's message adds up to {damage}; "
+                    "roll the damage first ([roll: 1d8+2]) and apply its total in the next DM turn")
+            if k >= len(results):
                 continue
             rline, rtext = results[k]
             try:
@@ -277,6 +314,9 @@ def check_scenario(sc: Scenario, registry: ToolRegistry, file_lines: list[str] |
                 problem = f"cannot check it ({exc})"
             if problem:
                 add(rline, "warning", f"result line does not fit {lc.call}: {problem}")
+            elif lc.call.name == "roll" and (total := _TOTAL.search(rtext)):
+                this_turn.append(int(total.group(1)))
+        rolled += this_turn  # a call cannot use a result of its own turn
     return out
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dndtrain import cli_data
-from dndtrain.datacheck import check_paths, corpus_stats, stats_chart, stats_markdown
+from dndtrain.datacheck import check_paths, corpus_stats, damage_was_rolled, stats_chart, stats_markdown
 from dndtrain.registry import ToolRegistry
 from dndtrain.scenario import ScenarioError, load_scenarios, parse_text
 
@@ -28,16 +28,17 @@ Party:
 We walk on.
 
 # DM
-Goblins attack! [roll: d20+4] [health: Thordak, -7]
+Goblins attack! [roll: d20+4] [roll: 1d6+4]
 
 # TOOLCALL
 d20+4: 1d20 (12) + 4 = *16*
-Thordak HP: 45 - 7 = *38*/45
+1d6+4: 1d6 (3) + 4 = *7*
 
 # DM
-The goblin's blade bites. Elara? [spellcast: Elara, fireball, 3] [save: dexterity, Thordak, 15]
+The goblin's blade bites. Elara? [health: Thordak, -7] [spellcast: Elara, fireball, 3] [save: dexterity, Thordak, 15]
 
 # TOOLCALL
+Thordak HP: 45 - 7 = *38*/45
 Elara casts fireball (level 3 slot): 1 level-3 slot left
 dexterity save (Thordak): 8 + 1(save) = *9* vs DC 15: *failure*
 
@@ -78,9 +79,9 @@ def test_bad_calls_and_result_lines_are_reported_with_lines(tmp_path):
            .replace("[save: dexterity, Thordak, 15]", "[save: dexterity, Thordak, 45]"))
     path = write_scene(tmp_path, "combat/bad.md", bad)
     lines = [str(x) for x in check_paths(tmp_path, REG).lines]
-    assert f"{path}:13: error: [health: Thordakk, -7]: 'Thordakk' is not in the party (Thordak, Elara, or player) (did you mean 'Thordak'?)" in lines
+    assert f"{path}:20: error: [health: Thordakk, -7]: 'Thordakk' is not in the party (Thordak, Elara, or player) (did you mean 'Thordak'?)" in lines
     assert f"{path}:16: warning: result line does not fit [roll: d20+4]: the dice and modifiers add up to 16, not 17" in lines
-    assert f"{path}:23: warning: result line does not fit [spellcast: Elara, fireball, 3]: Elara should have 1 level-3 slot left, not 2" in lines
+    assert f"{path}:24: warning: result line does not fit [spellcast: Elara, fireball, 3]: Elara should have 1 level-3 slot left, not 2" in lines
     assert f"{path}:20: error: [save: dexterity, Thordak, 45]: DC 45 is outside 1-30" in lines
     assert len(lines) == 4
 
@@ -98,6 +99,39 @@ def test_result_line_mismatches_warn(tmp_path, old, new, fragment):
     report = check_paths(tmp_path, REG)
     assert report.errors == 0
     assert any(fragment in x.message and x.level == "warning" for x in report.lines), [str(x) for x in report.lines]
+
+
+def test_damage_must_be_rolled_before_health_applies_it(tmp_path):
+    def warnings(text):
+        write_scene(tmp_path, "c/x.md", text)
+        return [str(x) for x in check_paths(tmp_path, REG).lines if "no roll since" in x.message]
+
+    path = tmp_path / "c/x.md"
+    assert warnings(GOOD) == []
+    # the same turn as the roll cannot know its total
+    same_turn = GOOD.replace("[roll: 1d6+4]", "[roll: 1d6+4] [health: Elara, -7]").replace(
+        "+ 4 = *7*\n", "+ 4 = *7*\nElara HP: 28 - 7 = *21*/28\n")
+    assert warnings(same_turn) == [
+        f"{path}:13: warning: [health: Elara, -7]: no roll since the player's message adds up to 7; roll the damage "
+        "first ([roll: 1d8+2]) and apply its total in the next DM turn"]
+    # a number no roll produced (fixed damage after an attack roll)
+    assert len(warnings(GOOD.replace("[health: Thordak, -7]", "[health: Thordak, -5]").replace(
+        "45 - 7 = *38*", "45 - 5 = *40*"))) == 1
+    # half (a save for half), healing and rolls before the player's message do not count / are not damage
+    assert warnings(GOOD.replace("[health: Thordak, -7]", "[health: Thordak, -3]").replace(
+        "45 - 7 = *38*", "45 - 3 = *42*")) == []
+    assert warnings(GOOD.replace("[health: Thordak, -7]", "[health: Thordak, +5]").replace(
+        "45 - 7 = *38*", "45 + 5 = *45*")) == []
+    later = GOOD + "\n# USER\nI shrug it off.\n\n# DM\nIt stings. [health: Elara, -7]\n\n# TOOLCALL\nElara HP: 28 - 7 = *21*/28\n\n# DM\nYou press on.\n"
+    assert len(warnings(later)) == 1
+
+
+def test_damage_was_rolled_sums_halves_and_doubles():
+    assert damage_was_rolled(7, [7])
+    assert damage_was_rolled(13, [16, 7, 6])  # two hits
+    assert damage_was_rolled(3, [7]) and damage_was_rolled(14, [7])
+    assert not damage_was_rolled(5, [7, 16])
+    assert not damage_was_rolled(5, [])
 
 
 def test_malformed_calls_and_unknown_classes(tmp_path):
@@ -177,7 +211,7 @@ def test_corpus_stats_chart_and_markdown(tmp_path):
     stats = corpus_stats(scenarios, REG)
     assert stats["files"] == 2 and stats["dm_turns"] == 4
     assert stats["categories"]["combat"] == {"files": 1, "turns": 6, "dm_turns": 3}
-    assert stats["calls_per_tool"]["roll"] == 1 and stats["calls_per_tool"]["inventory"] == 0
+    assert stats["calls_per_tool"]["roll"] == 2 and stats["calls_per_tool"]["inventory"] == 0
     assert (stats["dm_turns_no_call"], stats["dm_turns_one_call"], stats["dm_turns_multi_call"]) == (2, 0, 2)
     assert stats["dm_turns_no_call_share"] == 0.5
     assert stats["classes"] == {"Fighter": 2, "Wizard": 2} and stats["levels"] == {5: 4}
@@ -188,7 +222,7 @@ def test_corpus_stats_chart_and_markdown(tmp_path):
     png = stats_chart(stats, tmp_path / "out" / "stats.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = stats_markdown(stats)
-    assert "| combat | 1 | 6 | 3 |" in md and "| `roll` | 1 |" in md and "| no tool call | 2 (50%) |" in md
+    assert "| combat | 1 | 6 | 3 |" in md and "| `roll` | 2 |" in md and "| no tool call | 2 (50%) |" in md
     json.dumps(stats)
 
 
