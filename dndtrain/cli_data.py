@@ -1,6 +1,6 @@
 """The `data` and `tools` command groups of the dndtrain CLI (registered by `dndtrain.cli` via `add_commands`).
 
-    dndtrain data check [DIR] [--registry FILE]
+    dndtrain data check [PATH ...] [--registry FILE]
     dndtrain data stats [DIR] [--json] [--png FILE] [--update-readme FILE]
     dndtrain tools exec "CALL" [--scenario FILE] [--seed N] [--registry FILE]
     dndtrain tools scan [DIR] [--registry FILE]
@@ -64,7 +64,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from dndtrain.datacheck import check_paths
 
     registry = ToolRegistry.load(args.registry)
-    report = check_paths(args.dir, registry)
+    report = check_paths(args.paths or [DEFAULT_SCENARIOS], registry)
     for line in report.lines:
         print(line)
     print(report.summary())
@@ -230,7 +230,8 @@ def add_commands(subparsers) -> None:
     p = dsub.add_parser("check", help="validate every scenario file and tool call",
                         description="Parse every scenario, validate each tool call against the 5e rules and the "
                                     "file's party, and check each TOOLCALL result line. Exit 1 on errors.")
-    p.add_argument("dir", nargs="?", default=DEFAULT_SCENARIOS, help=f"scenario folder or file (default {DEFAULT_SCENARIOS})")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help=f"scenario folders and/or files, any number (default {DEFAULT_SCENARIOS})")
     p.add_argument("--registry", default=DEFAULT_REGISTRY, help=f"tool registry JSON (default {DEFAULT_REGISTRY})")
     p.set_defaults(func=cmd_data_check)
 

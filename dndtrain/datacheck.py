@@ -320,23 +320,33 @@ def check_scenario(sc: Scenario, registry: ToolRegistry, file_lines: list[str] |
     return out
 
 
-def check_paths(root: str | Path, registry: ToolRegistry) -> CheckReport:
-    """Check every scenario file under root. Never raises for bad files: each problem is a report line."""
-    root = Path(root)
+def check_paths(roots, registry: ToolRegistry) -> CheckReport:
+    """Check every scenario file under each of roots (folders or files; one path or a list). Never raises for bad
+    files: each problem is a report line. A file named twice (or inside two given folders) is checked once."""
     report = CheckReport()
+    seen: set[Path] = set()
+    for root in [roots] if isinstance(roots, (str, Path)) else roots:
+        _check_root(Path(root), registry, report, seen)
+    return report
+
+
+def _check_root(root: Path, registry: ToolRegistry, report: CheckReport, seen: set[Path]) -> None:
     if not root.exists():
         report.lines.append(CheckLine(str(root), 0, "error", "does not exist"))
-        return report
+        return
     try:
         files = find_scenario_files(root)
     except OSError as exc:
         report.lines.append(CheckLine(str(root), 0, "error", f"cannot list scenario files: {exc.strerror or exc}"))
-        return report
+        return
     if not files:
         report.lines.append(CheckLine(str(root), 0, "error", "no scenario files (*.md) found"))
-        return report
+        return
     base = root if root.is_dir() else root.parent
     for f in files:
+        if f.resolve() in seen:
+            continue
+        seen.add(f.resolve())
         report.files_checked += 1
         try:
             sc = parse_file(f, base)
@@ -346,7 +356,6 @@ def check_paths(root: str | Path, registry: ToolRegistry) -> CheckReport:
             report.lines.append(CheckLine(exc.path, exc.line, "error", exc.message))
         except Exception as exc:  # noqa: BLE001 - one bad file must never stop the check
             report.lines.append(CheckLine(str(f), 0, "error", f"cannot check file: {type(exc).__name__}: {exc}"))
-    return report
 
 
 # --- corpus statistics -----------------------------------------------------------------------------------------------

@@ -283,3 +283,16 @@ def test_cli_data_stats(tmp_path, capsys):
     write_scene(tmp_path / "s", "combat/bin.md", b"\x00\x01")
     assert cli(["data", "stats", str(tmp_path / "s"), "--png", ""]) == 1
     assert "binary file" in capsys.readouterr().err
+
+
+def test_cli_data_check_several_paths(tmp_path, capsys):
+    """Files and folders mix on one command line; a file named twice is checked once; one missing path fails."""
+    good = write_scene(tmp_path / "a", "c/good.md", GOOD)
+    write_scene(tmp_path / "b", "c/other.md", GOOD)
+    none = ["--registry", str(tmp_path / "none.json")]
+    assert cli(["data", "check", str(good), str(tmp_path / "b"), str(tmp_path / "a"), *none]) == 0
+    assert capsys.readouterr().out.strip() == "2 file(s) checked: 0 error(s), 0 warning(s)"
+    assert cli(["data", "check", str(good), str(tmp_path / "missing"), *none]) == 1
+    out = capsys.readouterr().out
+    assert str(tmp_path / "missing") in out and "does not exist" in out
+    assert out.strip().endswith("1 file(s) checked: 1 error(s), 0 warning(s)")
