@@ -76,6 +76,8 @@ def _counts(d: dict) -> str:
 
 
 def _human_stats(stats: dict) -> list[str]:
+    from dndtrain.datacheck import first_call_shares
+
     cats = ", ".join(f"{k} {v['files']}" for k, v in stats["categories"].items())
     unit = stats["length_unit"]
     fl, tl = stats["file_length"], stats["dm_turn_length"]
@@ -84,6 +86,7 @@ def _human_stats(stats: dict) -> list[str]:
         f"tool calls: {stats['calls_total']} ({_counts(stats['calls_per_tool'])})",
         f"DM turns: {stats['dm_turns_no_call']} without a call ({stats['dm_turns_no_call_share']:.0%}), "
         f"{stats['dm_turns_one_call']} with one, {stats['dm_turns_multi_call']} with two or more",
+        *(f"first call {context}: {first_call_shares(counts)}" for context, counts in stats["first_call_by_context"].items()),
         f"length per file ({unit}): min {fl['min']}, mean {fl['mean']}, p95 {fl['p95']}, max {fl['max']}",
         f"length per DM turn ({unit}): min {tl['min']}, mean {tl['mean']}, p95 {tl['p95']}, max {tl['max']}",
         f"classes: {_counts(stats['classes'])}",

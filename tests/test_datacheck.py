@@ -214,6 +214,10 @@ def test_corpus_stats_chart_and_markdown(tmp_path):
     assert stats["calls_per_tool"]["roll"] == 2 and stats["calls_per_tool"]["inventory"] == 0
     assert (stats["dm_turns_no_call"], stats["dm_turns_one_call"], stats["dm_turns_multi_call"]) == (2, 0, 2)
     assert stats["dm_turns_no_call_share"] == 0.5
+    assert stats["first_call_by_context"] == {
+        "after a player message": {"no call": 1, "roll": 1},
+        "after a tool result": {"health": 1, "no call": 1},
+    }
     assert stats["classes"] == {"Fighter": 2, "Wizard": 2} and stats["levels"] == {5: 4}
     assert stats["party_sizes"] == {2: 2} and stats["worlds"] == {"Forgotten Realms": 2}
     assert stats["length_unit"] == "words" and stats["dm_turn_length"]["min"] == 3
@@ -223,6 +227,7 @@ def test_corpus_stats_chart_and_markdown(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = stats_markdown(stats)
     assert "| combat | 1 | 6 | 3 |" in md and "| `roll` | 2 |" in md and "| no tool call | 2 (50%) |" in md
+    assert "| after a player message | 2 | no call 50%, roll 50% |" in md
     json.dumps(stats)
 
 
@@ -272,7 +277,8 @@ def test_cli_data_stats(tmp_path, capsys):
     readme.write_text("# Data\n\n<!-- stats:start -->\nOLD-BLOCK-XYZ\n<!-- stats:end -->\ntail\n")
     png = tmp_path / "p.png"
     assert cli(["data", "stats", str(tmp_path / "s"), "--png", str(png), "--update-readme", str(readme)]) == 0
-    assert "1 scenario files (combat 1)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 scenario files (combat 1)" in out and "first call after a tool result: health 50%, no call 50%" in out
     text = readme.read_text()
     assert "OLD-BLOCK-XYZ" not in text and "| combat | 1 | 6 | 3 |" in text and text.endswith("<!-- stats:end -->\ntail\n")
     assert png.exists()
